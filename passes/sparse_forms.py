@@ -1,0 +1,92 @@
+"""How a tensor of the original model is represented inside the SPARSE graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """One tile grid: every sparse tensor of size ``height x width`` shares it."""
+
+    height: int
+    width: int
+    tile: int
+
+    @property
+    def name(self) -> str:
+        """Stable name used for the tile index inputs, e.g. ``r64x64``."""
+        return f"r{self.height}x{self.width}"
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """Number of tile rows and columns."""
+        return (-(-self.height // self.tile), -(-self.width // self.tile))
+
+
+@dataclass(frozen=True)
+class Prologue:
+    """A per-channel affine transform followed by an activation (fused into TileGather)."""
+
+    scale: str | None = None
+    shift: str | None = None
+    activation: str = "none"
+    alpha: float = 0.0
+    beta: float = 0.0
+
+    @property
+    def has_affine(self) -> bool:
+        """True when a scale or shift is applied."""
+        return self.scale is not None or self.shift is not None
+
+
+@dataclass(frozen=True)
+class Sparse:
+    """Form S: the cached original map ``source`` plus recomputed tiles ``vals`` on ``res``.
+
+    ``view`` says that the value equals ``prologue(upsample_nearest(other, factor))`` of another
+    form, so that a consumer's gather can read ``other`` directly (fusion).
+    """
+
+    source: str
+    vals: str
+    res: Resolution
+    mask: str | None = None
+    view: "View | None" = None
+
+
+@dataclass(frozen=True)
+class Dense:
+    """Form D: a full tensor available in the SPARSE graph under ``name``.
+
+    ``mask`` is the mask id of the region where it may differ from the original (``"input"`` for
+    model inputs, ``"empty"`` for static or constant tensors); ``None`` means it may differ
+    anywhere (outputs of dense islands), so taking only its active tiles is an approximation.
+    """
+
+    name: str
+    mask: str | None
+
+
+@dataclass(frozen=True)
+class Padded:
+    """A Pad node's output, kept virtual so the next Conv or pool folds it into its gather."""
+
+    inner: "Sparse | Dense"
+    pads: tuple[int, int, int, int]
+    mode: str
+    node_name: str
+
+
+@dataclass(frozen=True)
+class View:
+    """``prologue(upsample_nearest(inner, factor))`` (see :class:`Sparse`)."""
+
+    inner: "Sparse | Dense"
+    prologue: Prologue | None = None
+    upsample: int = 1
+
+
+Form = Sparse | Dense | Padded
+EMPTY_MASK = "empty"
+INPUT_MASK = "input"

@@ -1,0 +1,464 @@
+"""One rewrite rule per op type: how a node whose inputs are sparse-tile tensors is computed on tiles.
+
+Each rule receives the rewrite context and an original node whose inputs depend on the edit, emits
+the SPARSE-graph nodes, and records the form of every output. A rule raises ``Unsupported`` when
+the node's attributes are outside what it handles; the driver then keeps the node dense (or
+reports it). See docs/architecture.md for the geometry of each rule.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from sigec.passes._ir_utils import attr, const_array, static_shape
+from sigec.passes.sparse_context import RewriteContext, Unsupported
+from sigec.passes.sparse_forms import Dense, Padded, Prologue, Resolution, Sparse, View
+
+Rule = Callable[[RewriteContext, ir.Node], None]
+
+UNARY_ELEMENTWISE = {
+    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus", "Softsign",
+    "Exp", "Log", "Sqrt", "Neg", "Abs", "Erf", "Reciprocal", "Floor", "Ceil", "Round", "Sin", "Cos", "Gelu",
+    "Mish", "Celu", "ThresholdedRelu", "Not", "IsNaN", "Sign",
+}
+NARY_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu", "Equal",
+                    "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Mod", "Clip"}
+PASS_THROUGH = {"Identity", "Dropout"}
+
+# Activations TileGather can apply in its prologue, with their (alpha, beta) from the node.
+FUSABLE_ACTIVATIONS: dict[str, Callable[[ir.Node], tuple[str, float, float] | None]] = {
+    "Relu": lambda n: ("relu", 0.0, 0.0),
+    "LeakyRelu": lambda n: ("leaky_relu", float(attr(n, "alpha", 0.01)), 0.0),
+    "Sigmoid": lambda n: ("sigmoid", 0.0, 0.0),
+    "Tanh": lambda n: ("tanh", 0.0, 0.0),
+    "HardSigmoid": lambda n: ("hard_sigmoid", float(attr(n, "alpha", 0.2)), float(attr(n, "beta", 0.5))),
+    "HardSwish": lambda n: ("hard_swish", 0.0, 0.0),
+}
+
+
+def _out_res(ctx: RewriteContext, node: ir.Node) -> Resolution:
+    out = node.outputs[0]
+    if not ctx.is_spatial(out):
+        raise Unsupported(f"output shape {static_shape(out)} is not a feature map")
+    return ctx.res_of(out)
+
+
+def _pair(values: list[int] | None, default: int) -> list[int]:
+    return [int(v) for v in values] if values else [default, default]
+
+
+def _pads4(node: ir.Node) -> list[int]:
+    if (attr(node, "auto_pad", "NOTSET") or "NOTSET") != "NOTSET":
+        raise Unsupported("auto_pad other than NOTSET")
+    pads = attr(node, "pads")
+    return [int(p) for p in pads] if pads else [0, 0, 0, 0]
+
+
+def _window_source(ctx: RewriteContext, node: ir.Node, pads: list[int]):
+    """Resolve the input of a window op: (inner form, prologue, upsample, pads, pad mode)."""
+    inner, prologue, upsample, extra, mode = ctx.gather_source(ctx.form(node.inputs[0]))
+    if any(extra):
+        if mode != "zeros" and any(pads):
+            raise Unsupported("a reflect/edge Pad followed by a convolution that also zero-pads")
+        pads = [pads[0] + extra[0], pads[1] + extra[1], pads[2] + extra[2], pads[3] + extra[3]]
+    return inner, prologue, upsample, pads, mode
+
+
+def _input_mask(ctx: RewriteContext, node: ir.Node) -> str | None:
+    form = ctx.form(node.inputs[0])
+    if isinstance(form, Padded):
+        form = form.inner
+    return form.mask
+
+
+def _in_size(ctx: RewriteContext, node: ir.Node) -> tuple[int, int]:
+    form = ctx.form(node.inputs[0])
+    s = ctx.shape(node.inputs[0])
+    if isinstance(form, Padded):
+        return s[2] - form.pads[0] - form.pads[2], s[3] - form.pads[1] - form.pads[3]
+    return s[2], s[3]
+
+
+def _sliding_window(ctx: RewriteContext, node: ir.Node, kernel: list[int], strides: list[int],
+                    dilations: list[int], pads: list[int], emit_op: Callable[[str], str], macs_per_pixel: int) -> None:
+    """Shared rule of Conv and pooling: gather (T-1)*s + (k-1)*d + 1 windows, run the op with pads 0."""
+    res = _out_res(ctx, node)
+    inner, prologue, upsample, pads, mode = _window_source(ctx, node, pads)
+    if mode != "zeros" and (pads[0] != pads[2] or pads[1] != pads[3]) and mode == "reflect":
+        pass  # asymmetric reflect pads are fine: the gather reflects per position
+    span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    window = [(res.tile - 1) * s + e for s, e in zip(strides, span)]
+    step = [res.tile * s for s in strides]
+    g = ctx.tile_gather(inner, res, window=window, step=step, offset=[-pads[0], -pads[1]], pad_mode=mode,
+                        upsample=upsample, prologue=prologue, hint=f"win::{node.name}")
+    vals = emit_op(g)
+    h, w = _in_size(ctx, node)
+    mask = _input_mask(ctx, node)
+    if upsample > 1:
+        mask = ctx.masks.upsample(mask, [upsample, upsample], [h * upsample, w * upsample])
+    mask = ctx.masks.window(mask, [h, w], kernel, strides, pads, dilations, [res.height, res.width])
+    ctx.set_sparse(node.outputs[0], vals, res, mask)
+    ctx.report(node, "sparse", resolution=res.name, tile=res.tile, window=window,
+               macs_per_tile=macs_per_pixel * res.tile * res.tile)
+
+
+def rule_conv(ctx: RewriteContext, node: ir.Node) -> None:
+    """Conv: gather windows around the output tiles, then the ordinary Conv with pads 0."""
+    weight = node.inputs[1]
+    ws = ctx.shape(weight)
+    if len(ws) != 4:
+        raise Unsupported("only 2-D convolutions are handled")
+    if ctx.is_edit_dependent(weight) or (len(node.inputs) > 2 and ctx.is_edit_dependent(node.inputs[2])):
+        raise Unsupported("weights depend on the edited input")
+    kernel = [ws[2], ws[3]]
+    strides, dilations = _pair(attr(node, "strides"), 1), _pair(attr(node, "dilations"), 1)
+    group = int(attr(node, "group", 1))
+
+    def emit(g: str) -> str:
+        inputs = [g, ctx.form(weight).name] + ([ctx.form(node.inputs[2]).name] if len(node.inputs) > 2 and node.inputs[2] is not None else [])  # type: ignore[union-attr]
+        return ctx.builder.node1("Conv", inputs, hint=f"vals::{node.outputs[0].name}", kernel_shape=kernel,
+                                 strides=strides, dilations=dilations, group=group, pads=[0, 0, 0, 0])
+
+    _sliding_window(ctx, node, kernel, strides, dilations, _pads4(node), emit, ws[0] * ws[1] * kernel[0] * kernel[1])
+    out = ctx.shape(node.outputs[0])
+    ctx.reports[-1].dense_macs = int(np.prod(out)) * ws[1] * kernel[0] * kernel[1]
+
+
+def rule_pool(ctx: RewriteContext, node: ir.Node) -> None:
+    """MaxPool / AveragePool without padding: gather windows, pool with pads 0."""
+    kernel = [int(k) for k in attr(node, "kernel_shape")]
+    strides = _pair(attr(node, "strides"), 1)
+    pads = _pads4(node)
+    if any(pads) or int(attr(node, "ceil_mode", 0)) or (attr(node, "dilations") and any(d != 1 for d in attr(node, "dilations"))):
+        raise Unsupported("pooling with padding, ceil_mode or dilation")
+    if len(node.outputs) > 1 and node.outputs[1].uses():
+        raise Unsupported("MaxPool indices output is used")
+
+    def emit(g: str) -> str:
+        return ctx.builder.node1(node.op_type, [g], hint=f"vals::{node.outputs[0].name}", kernel_shape=kernel,
+                                 strides=strides)
+
+    _sliding_window(ctx, node, kernel, strides, [1, 1], pads, emit, 0)
+
+
+def rule_conv_transpose(ctx: RewriteContext, node: ir.Node) -> None:
+    """ConvTranspose: gather the input cells that reach each output tile, ConvTranspose, crop."""
+    res = _out_res(ctx, node)
+    weight = node.inputs[1]
+    ws = ctx.shape(weight)
+    kernel = [ws[2], ws[3]]
+    strides = _pair(attr(node, "strides"), 1)
+    if attr(node, "dilations") and any(d != 1 for d in attr(node, "dilations")):
+        raise Unsupported("dilated ConvTranspose")
+    if attr(node, "output_shape"):
+        raise Unsupported("ConvTranspose with output_shape")
+    pads = _pads4(node)
+    group = int(attr(node, "group", 1))
+    form = ctx.form(node.inputs[0])
+    inner, prologue, upsample, extra, mode = ctx.gather_source(form)
+    if any(extra) or upsample != 1:
+        raise Unsupported("ConvTranspose on a padded or upsampled view")
+    offset, window, crop = [], [], []
+    for axis in range(2):
+        s, k, p = strides[axis], kernel[axis], pads[axis]
+        if res.tile % s or k < s:
+            raise Unsupported(f"tile {res.tile} not divisible by stride {s}, or kernel smaller than stride")
+        first = math.ceil((p - k + 1) / s)
+        last = (res.tile - 1 + p) // s
+        offset.append(first)
+        window.append(last - first + 1)
+        crop.append(p - s * first)
+    g = ctx.tile_gather(inner, res, window=window, step=[res.tile // s for s in strides], offset=offset,
+                        prologue=prologue, hint=f"win::{node.name}")
+    inputs = [g, ctx.form(weight).name] + ([ctx.form(node.inputs[2]).name] if len(node.inputs) > 2 and node.inputs[2] is not None else [])  # type: ignore[union-attr]
+    full = ctx.builder.node1("ConvTranspose", inputs, hint=f"ct::{node.name}", kernel_shape=kernel, strides=strides,
+                             group=group, pads=[0, 0, 0, 0])
+    b = ctx.builder
+    vals = b.node1("Slice", [full, b.const(np.array(crop, np.int64), "c:crop_start"),
+                             b.const(np.array([c + res.tile for c in crop], np.int64), "c:crop_end"),
+                             b.const(np.array([2, 3], np.int64), "c:axes23")], hint=f"vals::{node.outputs[0].name}")
+    mask = ctx.masks.transpose_window(inner.mask if not isinstance(inner, Padded) else None, kernel, strides, pads,
+                                      [res.height, res.width])
+    ctx.set_sparse(node.outputs[0], vals, res, mask)
+    cin = ctx.shape(node.inputs[0])
+    ctx.report(node, "sparse", resolution=res.name, tile=res.tile, window=window,
+               dense_macs=int(np.prod(cin)) * ws[1] * kernel[0] * kernel[1],
+               macs_per_tile=int(np.prod(window)) * ws[0] * ws[1] * kernel[0] * kernel[1])
+
+
+def _resize_factor(ctx: RewriteContext, node: ir.Node) -> int:
+    ins, outs = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
+    if ins[0] != outs[0] or ins[1] != outs[1]:
+        raise Unsupported("Resize over batch or channels")
+    fy, ry = divmod(outs[2], ins[2])
+    fx, rx = divmod(outs[3], ins[3])
+    if ry or rx or fy != fx or fy < 1:
+        raise Unsupported(f"Resize from {ins[2:]} to {outs[2:]} is not an integer, equal-axis upscale")
+    return fy
+
+
+def rule_resize(ctx: RewriteContext, node: ir.Node) -> None:
+    """Resize by an integer factor: nearest is a gather with ``upsample``; bilinear resizes a haloed window."""
+    res = _out_res(ctx, node)
+    u = _resize_factor(ctx, node)
+    mode = attr(node, "mode", "nearest") or "nearest"
+    ctm = attr(node, "coordinate_transformation_mode", "half_pixel") or "half_pixel"
+    if node.op_type == "Upsample":
+        ctm = "asymmetric"
+    ins = ctx.shape(node.inputs[0])
+    form = ctx.form(node.inputs[0])
+    if isinstance(form, Padded):
+        raise Unsupported("Resize of a padded tensor")
+    if int(attr(node, "antialias", 0) or 0) and u < 1:
+        raise Unsupported("antialiased downscale")
+    if mode == "nearest":
+        nearest_mode = attr(node, "nearest_mode", "round_prefer_floor") or "round_prefer_floor"
+        if node.op_type == "Upsample":
+            nearest_mode = "floor"
+        floor_like = (ctm == "asymmetric" and nearest_mode == "floor") or ctm in ("half_pixel", "pytorch_half_pixel")
+        if not floor_like and u != 1:
+            raise Unsupported(f"nearest Resize with {ctm}/{nearest_mode}")
+        inner, prologue, up0, _, _ = ctx.gather_source(form)
+        vals = ctx.tile_gather(inner, res, window=[res.tile] * 2, step=[res.tile] * 2, offset=[0, 0],
+                               upsample=u * up0, prologue=prologue, hint=f"vals::{node.outputs[0].name}")
+        mask = ctx.masks.upsample(form.mask, [u, u], [res.height, res.width])
+        ctx.set_sparse(node.outputs[0], vals, res, mask, View(form, None, u) if isinstance(form, Sparse) else None)
+        ctx.report(node, "sparse", resolution=res.name, tile=res.tile, note=f"nearest x{u}")
+        return
+    if mode != "linear" or ctm not in ("half_pixel", "pytorch_half_pixel"):
+        raise Unsupported(f"Resize mode {mode} with {ctm}")
+    if res.tile % u:
+        raise Unsupported(f"tile {res.tile} not divisible by the upscale factor {u}")
+    low = res.tile // u
+    inner, prologue, up0, _, _ = ctx.gather_source(form)
+    if up0 != 1:
+        raise Unsupported("bilinear Resize of an upsampled view")
+    g = ctx.tile_gather(inner, res, window=[low + 2] * 2, step=[low] * 2, offset=[-1, -1], pad_mode="edge",
+                        prologue=prologue, hint=f"win::{node.name}")
+    b = ctx.builder
+    scales = b.const(np.array([1, 1, u, u], np.float32), "c:scales")
+    up = b.node1("Resize", [g, "", scales], hint=f"up::{node.name}", mode="linear",
+                 coordinate_transformation_mode="half_pixel")
+    vals = b.node1("Slice", [up, b.const(np.array([u, u], np.int64), "c:start"),
+                             b.const(np.array([u + res.tile] * 2, np.int64), "c:end"),
+                             b.const(np.array([2, 3], np.int64), "c:axes23")], hint=f"vals::{node.outputs[0].name}")
+    mask = ctx.masks.upsample(form.mask, [u, u], [res.height, res.width], halo=1)
+    ctx.set_sparse(node.outputs[0], vals, res, mask)
+    ctx.report(node, "sparse", resolution=res.name, tile=res.tile, window=[low + 2] * 2, note=f"bilinear x{u}")
+    del ins
+
+
+def rule_depth_to_space(ctx: RewriteContext, node: ir.Node) -> None:
+    """DepthToSpace: gather T/r low-resolution cells per tile, then DepthToSpace."""
+    res = _out_res(ctx, node)
+    r = int(attr(node, "blocksize"))
+    if res.tile % r:
+        raise Unsupported(f"tile {res.tile} not divisible by blocksize {r}")
+    inner, prologue, up0, extra, _ = ctx.gather_source(ctx.form(node.inputs[0]))
+    if up0 != 1 or any(extra):
+        raise Unsupported("DepthToSpace of an upsampled or padded view")
+    low = res.tile // r
+    g = ctx.tile_gather(inner, res, window=[low, low], step=[low, low], offset=[0, 0], prologue=prologue,
+                        hint=f"win::{node.name}")
+    vals = ctx.builder.node1("DepthToSpace", [g], hint=f"vals::{node.outputs[0].name}", blocksize=r,
+                             mode=attr(node, "mode", "DCR") or "DCR")
+    mask = ctx.masks.upsample(inner.mask, [r, r], [res.height, res.width])
+    ctx.set_sparse(node.outputs[0], vals, res, mask)
+    ctx.report(node, "sparse", resolution=res.name, tile=res.tile)
+
+
+def rule_space_to_depth(ctx: RewriteContext, node: ir.Node) -> None:
+    """SpaceToDepth: gather T*r cells per tile, then SpaceToDepth."""
+    res = _out_res(ctx, node)
+    r = int(attr(node, "blocksize"))
+    inner, prologue, up0, extra, _ = ctx.gather_source(ctx.form(node.inputs[0]))
+    if up0 != 1 or any(extra):
+        raise Unsupported("SpaceToDepth of an upsampled or padded view")
+    g = ctx.tile_gather(inner, res, window=[res.tile * r] * 2, step=[res.tile * r] * 2, offset=[0, 0],
+                        prologue=prologue, hint=f"win::{node.name}")
+    vals = ctx.builder.node1("SpaceToDepth", [g], hint=f"vals::{node.outputs[0].name}", blocksize=r)
+    h, w = _in_size(ctx, node)
+    mask = ctx.masks.window(inner.mask, [h, w], [r, r], [r, r], [0, 0, 0, 0], [1, 1], [res.height, res.width])
+    ctx.set_sparse(node.outputs[0], vals, res, mask)
+    ctx.report(node, "sparse", resolution=res.name, tile=res.tile)
+
+
+def rule_pad(ctx: RewriteContext, node: ir.Node) -> None:
+    """Pad on the spatial axes: kept virtual and folded into the next Conv or pool's gather."""
+    pads = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    mode = attr(node, "mode", "constant") or "constant"
+    if pads is None or pads.size != 8 or (len(node.inputs) > 3 and node.inputs[3] is not None):
+        raise Unsupported("Pad without constant 4-D pads")
+    p = [int(v) for v in pads]
+    if p[0] or p[1] or p[4] or p[5] or min(p) < 0:
+        raise Unsupported("Pad of batch/channel axes or negative pad")
+    if mode == "constant" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        value = const_array(node.inputs[2])
+        if value is None or float(value.reshape(-1)[0]) != 0.0:
+            raise Unsupported("constant Pad with a non-zero value")
+    gather_mode = {"constant": "zeros", "reflect": "reflect", "edge": "edge"}.get(mode)
+    if gather_mode is None:
+        raise Unsupported(f"Pad mode {mode}")
+    for use in node.outputs[0].uses():
+        if use.node.op_type not in ("Conv", "MaxPool", "AveragePool") or use.idx != 0:
+            raise Unsupported(f"Pad output feeds {use.node.op_type} '{use.node.name}' (only Conv/pool fold a Pad)")
+    if node.outputs[0].is_graph_output():
+        raise Unsupported("Pad output is a model output")
+    inner = ctx.form(node.inputs[0])
+    if isinstance(inner, Padded):
+        raise Unsupported("two Pads in a row")
+    ctx.forms[node.outputs[0].name] = Padded(inner, (p[2], p[3], p[6], p[7]), gather_mode, node.name)
+    ctx.report(node, "sparse", note=f"{mode} pad folded into the next gather")
+
+
+def _fused_view(ctx: RewriteContext, x_form, prologue: Prologue) -> View | None:
+    """A view applying ``prologue`` to ``x_form`` if it composes with x's own view."""
+    if not isinstance(x_form, Sparse):
+        return None
+    v = x_form.view
+    if v is None:
+        return View(x_form, prologue, 1)
+    if v.upsample == 1 and v.prologue is not None and v.prologue.activation == "none" and not prologue.has_affine:
+        return View(v.inner, Prologue(v.prologue.scale, v.prologue.shift, prologue.activation, prologue.alpha,
+                                      prologue.beta), 1)
+    return None
+
+
+def rule_unary(ctx: RewriteContext, node: ir.Node) -> None:
+    """Element-wise unary op: the same op on the tiles (activations also become fusable views)."""
+    x = node.inputs[0]
+    res = _out_res(ctx, node)
+    xs = ctx.to_sparse(x, res, node)
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    vals = ctx.builder.node1(node.op_type, [xs.vals], hint=f"vals::{node.outputs[0].name}", **attrs)
+    view = None
+    if node.op_type in FUSABLE_ACTIVATIONS:
+        act, alpha, beta = FUSABLE_ACTIVATIONS[node.op_type](node)  # type: ignore[misc]
+        view = _fused_view(ctx, ctx.form(x), Prologue(activation=act, alpha=alpha, beta=beta))
+    ctx.set_sparse(node.outputs[0], vals, res, xs.mask, view)
+    ctx.report(node, "sparse", resolution=res.name, tile=res.tile)
+
+
+def rule_pass_through(ctx: RewriteContext, node: ir.Node) -> None:
+    """Identity / Dropout (inference) / same-type Cast: the output has the input's form."""
+    form = ctx.form(node.inputs[0])
+    if isinstance(form, Sparse):
+        # The alias shares the input's tiles and cache (``source`` stays the input's name).
+        ctx.forms[node.outputs[0].name] = form
+    else:
+        ctx.forms[node.outputs[0].name] = form
+    ctx.report(node, "sparse", note="pass-through")
+
+
+def rule_cast(ctx: RewriteContext, node: ir.Node) -> None:
+    """Cast: pass-through when the type does not change, else an element-wise Cast on tiles."""
+    if node.inputs[0].dtype == node.outputs[0].dtype:
+        rule_pass_through(ctx, node)
+    else:
+        rule_unary(ctx, node)
+
+
+def _silu_source(ctx: RewriteContext, node: ir.Node) -> ir.Value | None:
+    """For ``Mul(a, Sigmoid(a))`` return ``a``."""
+    if node.op_type != "Mul" or len(node.inputs) != 2:
+        return None
+    for i in range(2):
+        prod = node.inputs[i].producer() if node.inputs[i] is not None else None
+        if prod is not None and prod.op_type == "Sigmoid" and prod.inputs[0] is node.inputs[1 - i]:
+            return node.inputs[1 - i]
+    return None
+
+
+def rule_elementwise(ctx: RewriteContext, node: ir.Node) -> None:
+    """Element-wise n-ary op: spatial operands as tiles, small operands broadcast (per tile batch)."""
+    res = _out_res(ctx, node)
+    names, masks = [], []
+    for i, value in enumerate(node.inputs):
+        if value is None:
+            names.append(None)
+            continue
+        if ctx.is_spatial(value) and ctx.shape(value)[2:] == (res.height, res.width):
+            s = ctx.to_sparse(value, res, node)
+            names.append(s.vals)
+            masks.append(s.mask)
+        else:
+            vs = static_shape(value)
+            if vs is not None and len(vs) >= 2 and (vs[-1] != 1 or vs[-2] != 1):
+                raise Unsupported(f"operand '{value.name}' of shape {list(vs)} broadcasts over the spatial axes")
+            if ctx.is_edit_dependent(value):
+                form = ctx.form(value)
+                if ctx.exact or not isinstance(form, Dense):
+                    raise Unsupported(f"operand '{value.name}' is a global function of the edited input")
+                ctx.approximate(node, f"'{value.name}' (a global quantity) is applied only on active tiles")
+            names.append(ctx.broadcast_operand(value, res))
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    vals = ctx.builder.node1(node.op_type, names, hint=f"vals::{node.outputs[0].name}", **attrs)
+    view = None
+    a = _silu_source(ctx, node)
+    if a is not None:
+        view = _fused_view(ctx, ctx.form(a), Prologue(activation="silu"))
+    elif node.op_type == "Clip":
+        lo = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        hi = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        if lo is not None and hi is not None:
+            view = _fused_view(ctx, ctx.form(node.inputs[0]),
+                               Prologue(activation="clip", alpha=float(lo), beta=float(hi)))
+    ctx.set_sparse(node.outputs[0], vals, res, ctx.masks.union(masks))
+    if view is not None:
+        form = ctx.forms[node.outputs[0].name]
+        ctx.forms[node.outputs[0].name] = Sparse(form.source, form.vals, form.res, form.mask, view)  # type: ignore[union-attr]
+    ctx.report(node, "sparse", resolution=res.name, tile=res.tile)
+
+
+def rule_concat(ctx: RewriteContext, node: ir.Node) -> None:
+    """Concat on channels: concatenate the tiles."""
+    axis = int(attr(node, "axis", 0))
+    if axis not in (1, -3):
+        raise Unsupported(f"Concat on axis {axis}")
+    res = _out_res(ctx, node)
+    parts = [ctx.to_sparse(v, res, node) for v in node.inputs]
+    vals = ctx.builder.node1("Concat", [p.vals for p in parts], hint=f"vals::{node.outputs[0].name}", axis=1)
+    ctx.set_sparse(node.outputs[0], vals, res, ctx.masks.union([p.mask for p in parts]))
+    ctx.report(node, "sparse", resolution=res.name, tile=res.tile)
+
+
+def rule_batchnorm(ctx: RewriteContext, node: ir.Node) -> None:
+    """Inference BatchNormalization (not folded into a Conv): a per-channel affine on tiles."""
+    params = [const_array(v) for v in node.inputs[1:5]]
+    if any(p is None for p in params):
+        raise Unsupported("BatchNormalization with non-constant parameters")
+    scale, bias, mean, var = (p.astype(np.float64) for p in params)  # type: ignore[union-attr]
+    s = scale / np.sqrt(var + float(attr(node, "epsilon", 1e-5)))
+    t = bias - mean * s
+    res = _out_res(ctx, node)
+    xs = ctx.to_sparse(node.inputs[0], res, node)
+    b = ctx.builder
+    sc, sh = b.const(s.astype(np.float32), "c:bn_scale"), b.const(t.astype(np.float32), "c:bn_shift")
+    sc4, sh4 = b.const(s.astype(np.float32).reshape(-1, 1, 1), "c:bn_scale4"), b.const(t.astype(np.float32).reshape(-1, 1, 1), "c:bn_shift4")
+    vals = b.node1("Add", [b.node1("Mul", [xs.vals, sc4], hint="bn_mul"), sh4], hint=f"vals::{node.outputs[0].name}")
+    view = _fused_view(ctx, ctx.form(node.inputs[0]), Prologue(scale=sc, shift=sh))
+    ctx.set_sparse(node.outputs[0], vals, res, xs.mask, view)
+    ctx.report(node, "sparse", resolution=res.name, tile=res.tile, note="per-channel affine")
+
+
+RULES: dict[str, Rule] = {
+    "Conv": rule_conv,
+    "ConvTranspose": rule_conv_transpose,
+    "MaxPool": rule_pool,
+    "AveragePool": rule_pool,
+    "Resize": rule_resize,
+    "Upsample": rule_resize,
+    "DepthToSpace": rule_depth_to_space,
+    "SpaceToDepth": rule_space_to_depth,
+    "Pad": rule_pad,
+    "Concat": rule_concat,
+    "BatchNormalization": rule_batchnorm,
+    "Cast": rule_cast,
+    **{op: rule_unary for op in UNARY_ELEMENTWISE},
+    **{op: rule_elementwise for op in NARY_ELEMENTWISE},
+    **{op: rule_pass_through for op in PASS_THROUGH},
+}

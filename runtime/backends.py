@@ -1,0 +1,110 @@
+"""Graph runners: execute one engine graph (FULL, SPARSE or DENSE) on a backend.
+
+Graphs in an engine file hold no weights; a runner attaches the engine's single copy of the
+weights: ONNX Runtime sessions receive them as external initializers (no copy, shared between
+the sessions), the PyTorch reference executor receives them as tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Protocol, Sequence
+
+import numpy as np
+import onnx
+
+from sigec.errors import BackendError
+
+BACKENDS = ("ort", "torch")
+
+
+class GraphRunner(Protocol):
+    """Runs one graph: feeds by name, returns the requested outputs as numpy arrays."""
+
+    input_names: list[str]
+
+    def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+        """Execute the graph."""
+
+
+def _declare_external_weights(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]) -> list[str]:
+    """Declare every weight the graph reads as an external-data initializer; return their names."""
+    used = {i for node in model.graph.node for i in node.input}
+    present = {t.name for t in model.graph.initializer}
+    names = []
+    for name in sorted(used & set(weights)):
+        if name in present:
+            continue
+        array = weights[name]
+        t = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                             dims=list(array.shape), data_location=onnx.TensorProto.EXTERNAL)
+        entry = t.external_data.add()
+        entry.key, entry.value = "location", "sigec-engine-weights"
+        model.graph.initializer.append(t)
+        names.append(name)
+    return names
+
+
+class OrtRunner:
+    """An ONNX Runtime session with sigec's custom operators registered."""
+
+    def __init__(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray], *, threads: int | None,
+                 weight_values: dict[str, object]) -> None:
+        import onnxruntime as ort
+
+        from sigec.runtime import ort_ops
+
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        names = _declare_external_weights(model, weights)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        if any(n.domain == "ai.sigec" for n in model.graph.node):
+            ort_ops.register(options)
+        for name in names:
+            if name not in weight_values:
+                weight_values[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(weights[name]))
+        if names:
+            options.add_external_initializers(names, [weight_values[n] for n in names])
+        try:
+            self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise BackendError(f"ONNX Runtime could not create a session for graph '{model.graph.name}': {exc}") from exc
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+        """Execute the graph with ONNX Runtime."""
+        return self.session.run(list(output_names), {k: v for k, v in feeds.items() if k in self.input_names})
+
+
+class TorchRunner:
+    """The PyTorch reference executor (CPU or CUDA)."""
+
+    def __init__(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray], *, device: str = "cpu",
+                 threads: int | None = None) -> None:
+        import torch
+
+        from sigec.runtime.torch_executor import TorchExecutor
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        used = {i for node in model.graph.node for i in node.input}
+        self.executor = TorchExecutor(model, device=device, initializers={k: v for k, v in weights.items() if k in used})
+        self.input_names = list(self.executor.input_names)
+
+    def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+        """Execute the graph with the reference executor."""
+        out = self.executor.run({k: v for k, v in feeds.items() if k in self.input_names}, list(output_names))
+        return [out[n].detach().cpu().numpy() for n in output_names]
+
+
+def make_runners(backend: str, graphs: Mapping[str, onnx.ModelProto], weights: Mapping[str, np.ndarray], *,
+                 threads: int | None = None, device: str = "cpu") -> dict[str, GraphRunner]:
+    """One runner per graph name, sharing one copy of the weights."""
+    if backend == "ort":
+        shared: dict[str, object] = {}
+        return {name: OrtRunner(g, weights, threads=threads, weight_values=shared) for name, g in graphs.items()}
+    if backend == "torch":
+        return {name: TorchRunner(g, weights, device=device, threads=threads) for name, g in graphs.items()}
+    raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

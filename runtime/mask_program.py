@@ -1,0 +1,157 @@
+"""The mask program: turns a pixel mask into the tile index tensors of every resolution.
+
+A mask program is plain JSON data stored in the engine manifest (no code). It is a list of
+instructions over named boolean masks of shape ``[B, H, W]``; ``input`` is the pixel mask at the
+spatial input's resolution. Each resolution names the mask whose active cells become its tiles.
+
+Instructions (``op`` and fields):
+
+- ``empty``: ``size`` -> an all-false mask;
+- ``window``: ``src, kernel, stride, pads [t, l, b, r], dilation, size`` -> ``out[y, x]`` is true
+  when any input position read by a sliding window (a convolution's receptive field) is true;
+- ``transpose_window``: ``src, kernel, stride, pads, size`` -> the receptive field of a transposed
+  convolution: ``out[o]`` is true when some ``i`` with ``o = i * stride - pad + k`` is true;
+- ``upsample``: ``src, factor [fy, fx], size`` -> nearest-neighbour repetition;
+- ``dilate``: ``src, radius`` -> square dilation;
+- ``resample``: ``src, size`` -> conservative resampling to another size: an output cell is true
+  when any input pixel it covers (or that covers it) is true;
+- ``union``: ``srcs`` -> logical or.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TileIndex:
+    """Active tiles of one resolution: ``coords`` [N, 3] (b, ty, tx) and ``grid`` [B, gh, gw]."""
+
+    coords: np.ndarray
+    grid: np.ndarray
+
+    @property
+    def count(self) -> int:
+        """Number of active tiles."""
+        return int(self.coords.shape[0])
+
+
+def _window_any(mask: np.ndarray, kernel: Sequence[int], stride: Sequence[int], pads: Sequence[int],
+                dilation: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    b, h, w = mask.shape
+    kh, kw = kernel
+    sh, sw = stride
+    dh, dw = dilation
+    oh, ow = size
+    # Pad generously so every window of the output fits, then slide.
+    need_h = (oh - 1) * sh + (kh - 1) * dh + 1
+    need_w = (ow - 1) * sw + (kw - 1) * dw + 1
+    pt, pl = pads[0], pads[1]
+    pb = max(need_h - h - pt, 0)
+    pr = max(need_w - w - pl, 0)
+    padded = np.zeros((b, h + pt + pb, w + pl + pr), dtype=bool)
+    padded[:, pt:pt + h, pl:pl + w] = mask
+    # Dilate along rows then columns (separable "any" over the window taps).
+    rows = np.zeros((b, oh, padded.shape[2]), dtype=bool)
+    for k in range(kh):
+        start = k * dh
+        rows |= padded[:, start:start + (oh - 1) * sh + 1:sh, :]
+    out = np.zeros((b, oh, ow), dtype=bool)
+    for k in range(kw):
+        start = k * dw
+        out |= rows[:, :, start:start + (ow - 1) * sw + 1:sw]
+    return out
+
+
+def _transpose_window_any(mask: np.ndarray, kernel: Sequence[int], stride: Sequence[int],
+                          pads: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    b, h, w = mask.shape
+    oh, ow = size
+    out = np.zeros((b, oh, ow), dtype=bool)
+    ys, xs = [], []
+    for axis, (n, k, s, p, o) in enumerate(zip((h, w), kernel, stride, pads[:2], size)):
+        idx = np.arange(n)[:, None] * s - p + np.arange(k)[None, :]  # [n, k] output positions
+        (ys if axis == 0 else xs).append(idx)
+    for bi in range(b):
+        iy, ix = np.nonzero(mask[bi])
+        if iy.size == 0:
+            continue
+        oy = ys[0][iy]  # [m, kh]
+        ox = xs[0][ix]  # [m, kw]
+        yy = np.broadcast_to(oy[:, :, None], (iy.size, oy.shape[1], ox.shape[1]))
+        xx = np.broadcast_to(ox[:, None, :], (iy.size, oy.shape[1], ox.shape[1]))
+        keep = (yy >= 0) & (yy < oh) & (xx >= 0) & (xx < ow)
+        out[bi, yy[keep], xx[keep]] = True
+    return out
+
+
+def _resample_axis(mask: np.ndarray, axis: int, size: int) -> np.ndarray:
+    n = mask.shape[axis]
+    if n == size:
+        return mask
+    # Output cell j covers the input interval [j * n / size, (j + 1) * n / size).
+    starts = (np.arange(size) * n) // size
+    ends = np.maximum(((np.arange(size) + 1) * n + size - 1) // size, starts + 1)
+    cum = np.cumsum(np.moveaxis(mask, axis, -1).astype(np.int32), axis=-1)
+    cum = np.concatenate([np.zeros(cum.shape[:-1] + (1,), np.int32), cum], axis=-1)
+    counts = cum[..., ends] - cum[..., starts]
+    return np.moveaxis(counts > 0, -1, axis)
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    if radius <= 0:
+        return mask
+    k = 2 * radius + 1
+    return _window_any(mask, (k, k), (1, 1), (radius, radius, radius, radius), (1, 1), mask.shape[1:])
+
+
+def run_instructions(instructions: Sequence[Mapping[str, Any]], pixel_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Execute mask instructions on a ``[B, H, W]`` boolean pixel mask; return every named mask."""
+    masks: dict[str, np.ndarray] = {"input": pixel_mask.astype(bool, copy=False)}
+    batch = pixel_mask.shape[0]
+    for ins in instructions:
+        op = ins["op"]
+        if op == "empty":
+            result = np.zeros((batch, *ins["size"]), dtype=bool)
+        elif op == "window":
+            result = _window_any(masks[ins["src"]], ins["kernel"], ins["stride"], ins["pads"],
+                                 ins.get("dilation", (1, 1)), ins["size"])
+        elif op == "transpose_window":
+            result = _transpose_window_any(masks[ins["src"]], ins["kernel"], ins["stride"], ins["pads"], ins["size"])
+        elif op == "upsample":
+            fy, fx = ins["factor"]
+            result = masks[ins["src"]].repeat(fy, axis=1).repeat(fx, axis=2)[:, :ins["size"][0], :ins["size"][1]]
+        elif op == "dilate":
+            result = _dilate(masks[ins["src"]], int(ins["radius"]))
+        elif op == "resample":
+            result = _resample_axis(_resample_axis(masks[ins["src"]], 1, ins["size"][0]), 2, ins["size"][1])
+        elif op == "union":
+            srcs = [masks[s] for s in ins["srcs"]]
+            result = np.logical_or.reduce(srcs) if srcs else None
+        else:
+            raise ValueError(f"unknown mask instruction {op!r}")
+        masks[ins["out"]] = result
+    return masks
+
+
+def tile_index(mask: np.ndarray, tile: int) -> TileIndex:
+    """Reduce a ``[B, H, W]`` mask to the active tiles of a grid with tile size ``tile``."""
+    b, h, w = mask.shape
+    gh, gw = -(-h // tile), -(-w // tile)
+    padded = np.zeros((b, gh * tile, gw * tile), dtype=bool)
+    padded[:, :h, :w] = mask
+    cells = padded.reshape(b, gh, tile, gw, tile).any(axis=(2, 4))
+    coords = np.argwhere(cells).astype(np.int64)
+    grid = np.full((b, gh, gw), -1, dtype=np.int64)
+    grid[cells] = np.arange(coords.shape[0], dtype=np.int64)
+    return TileIndex(coords=coords.reshape(-1, 3), grid=grid)
+
+
+def run_mask_program(program: Mapping[str, Any], resolutions: Sequence[Mapping[str, Any]],
+                     pixel_mask: np.ndarray) -> dict[str, TileIndex]:
+    """Tile indices of every resolution (by resolution name) for a ``[B, H, W]`` pixel mask."""
+    masks = run_instructions(program["instructions"], pixel_mask)
+    return {res["name"]: tile_index(masks[res["mask"]], int(res["tile"])) for res in resolutions}

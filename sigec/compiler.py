@@ -1,0 +1,101 @@
+"""``sigec.compile``: frontend -> canonical ONNX -> sparse rewrite -> engine file."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from sigec.errors import CompileError
+from sigec.progress import Steps
+
+DEFAULT_TILE_SIZE = 8
+DEFAULT_THRESHOLD = {"exact": 0.0, "approx": 2e-2}
+DEFAULT_DILATION = {"exact": 0, "approx": 1}
+BACKENDS = ("ort", "torch", "tensorrt")
+
+
+def _source_to_proto(source: Any, inputs: Any, opset: int) -> onnx.ModelProto | str:
+    """An ONNX path or proto as is; an nn.Module (or factory spec) exported with torch.onnx."""
+    if isinstance(source, (str, os.PathLike)) and (str(source).endswith(".onnx") or os.path.exists(source)):
+        return os.fspath(source)
+    if isinstance(source, onnx.ModelProto):
+        return source
+    from sigec.frontends.torch_frontend import export_module, load_factory
+
+    if isinstance(source, str):
+        module, example = load_factory(source)
+        inputs = inputs if inputs is not None else example
+    else:
+        module = source
+    if inputs is None:
+        raise CompileError("compiling a PyTorch module needs example inputs (inputs=tensor, tuple or dict)")
+    return export_module(module, inputs, opset=opset)
+
+
+def _split_weights(protos: Mapping[str, onnx.ModelProto]) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
+    """Strip the initializers out of every graph and keep one copy of each by name."""
+    weights: dict[str, np.ndarray] = {}
+    graphs: dict[str, bytes] = {}
+    for name, proto in protos.items():
+        for tensor in proto.graph.initializer:
+            array = onnx.numpy_helper.to_array(tensor)
+            if tensor.name in weights:
+                if weights[tensor.name].shape != array.shape or not np.array_equal(weights[tensor.name], array):
+                    raise CompileError(f"internal: weight '{tensor.name}' differs between graphs")
+                continue
+            weights[tensor.name] = np.ascontiguousarray(array)
+        del proto.graph.initializer[:]
+        graphs[name] = proto.SerializeToString()
+    return graphs, weights
+
+
+def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, mode: str = "approx",
+            backend: str = "ort", tile_size: int | Mapping[str, int] | None = None,
+            input_shapes: Mapping[str, Sequence[int]] | None = None, fallback: str = "error",
+            threshold: float | None = None, dilation: int | None = None, approx_dilation: int = 1,
+            dense_fallback_fraction: float = 0.6, opset: int = 18, progress: bool = False) -> pathlib.Path:
+    """Compile a model (an .onnx path, an ``onnx.ModelProto``, an ``nn.Module`` or a ``pkg.module:factory``
+    spec) into an engine file at ``output_path`` and return its path.
+
+    ``mode`` is ``"exact"`` (sparse output equals dense for local models) or ``"approx"``
+    (SIGE-compatible masks and frozen normalisation statistics). ``tile_size`` is one int for every
+    resolution or a mapping ``{"r64x64": 8, "default": 8}``. ``fallback="dense"`` keeps unsupported
+    nodes dense instead of failing. ``threshold`` and ``dilation`` set the default change-detection
+    for ``Engine.run(mask=None)``.
+    """
+    from sigec import __version__
+    from sigec.engine_file import EngineContents, write_engine
+    from sigec.frontends.onnx_frontend import load_onnx
+    from sigec.passes.sparse_rewrite import rewrite
+
+    if mode not in ("exact", "approx"):
+        raise CompileError(f"mode must be 'exact' or 'approx', not {mode!r}")
+    if backend not in BACKENDS:
+        raise CompileError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend == "tensorrt":
+        raise CompileError("the TensorRT backend is not available in this build (see README: GPU status)")
+    tiles: int | dict[str, int] = DEFAULT_TILE_SIZE if tile_size is None else (
+        dict(tile_size) if isinstance(tile_size, Mapping) else int(tile_size))
+    for t in (tiles.values() if isinstance(tiles, dict) else [tiles]):
+        if int(t) < 1:
+            raise CompileError(f"tile size must be a positive integer, got {t}")
+    steps = Steps(enabled=progress)
+    with steps.step("frontend"):
+        proto_or_path = _source_to_proto(source, inputs, opset)
+        model = load_onnx(proto_or_path, input_shapes)
+    with steps.step("sparse rewrite"):
+        result = rewrite(model, mode=mode, tile_size=tiles, fallback=fallback,
+                         threshold=DEFAULT_THRESHOLD[mode] if threshold is None else float(threshold),
+                         dilation=DEFAULT_DILATION[mode] if dilation is None else int(dilation),
+                         approx_dilation=approx_dilation)
+    with steps.step("write engine"):
+        graphs, weights = _split_weights({"full": result.full, "sparse": result.sparse, "dense": result.dense})
+        manifest = {**result.manifest, "sigec_version": __version__, "backend": backend,
+                    "options": {"tile_size": tiles, "fallback": fallback, "approx_dilation": approx_dilation,
+                                "dense_fallback_fraction": float(dense_fallback_fraction), "opset": opset}}
+        path = write_engine(output_path, EngineContents(manifest=manifest, graphs=graphs, weights=weights))
+    return pathlib.Path(path)

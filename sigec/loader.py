@@ -1,0 +1,31 @@
+"""``sigec.load``: read an engine file and create its runtime."""
+
+from __future__ import annotations
+
+import os
+
+import onnx
+
+from sigec.errors import BackendError, EngineFileError
+from sigec.runtime.backends import make_runners
+from sigec.runtime.engine import Engine
+
+
+def load(path: str | os.PathLike, *, backend: str | None = None, threads: int | None = None, device: str = "cpu",
+         dense_fallback_fraction: float | None = None) -> Engine:
+    """Load an engine file; ``backend`` overrides the one it was compiled for ("ort" or "torch")."""
+    from sigec.engine_file import read_engine
+
+    contents = read_engine(path)
+    chosen = backend or contents.manifest.get("backend", "ort")
+    if chosen not in ("ort", "torch"):
+        raise BackendError(f"engine '{path}' was compiled for backend {chosen!r}, which this runtime cannot run; "
+                           f"pass backend='ort' or backend='torch'")
+    graphs = {}
+    for name in ("full", "sparse", "dense"):
+        try:
+            graphs[name] = onnx.ModelProto.FromString(contents.graphs[name])
+        except Exception as exc:
+            raise EngineFileError(f"engine '{path}': graph '{name}' is not a valid ONNX model: {exc}") from exc
+    runners = make_runners(chosen, graphs, contents.weights, threads=threads, device=device)
+    return Engine(contents.manifest, runners, path=os.fspath(path), dense_fallback_fraction=dense_fallback_fraction)
