@@ -55,7 +55,7 @@ class GraphBuilder:
     def const(self, array: np.ndarray, hint: str) -> str:
         """Add a constant tensor (stored with the weights) and return its name."""
         name = self.fresh(hint)
-        self.constants[name] = np.ascontiguousarray(array)
+        self.constants[name] = np.asarray(array, order="C")
         return name
 
     def add_input(self, name: str, elem_type: int, shape: Sequence[int | str]) -> str:

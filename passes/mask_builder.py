@@ -29,6 +29,8 @@ class MaskProgramBuilder:
             self._sizes[out] = list(fields["size"])
         elif "src" in fields:
             self._sizes[out] = self._sizes[fields["src"]]
+        elif "srcs" in fields:
+            self._sizes[out] = self._sizes[fields["srcs"][0]]
         return out
 
     def empty(self, size: Sequence[int]) -> str:

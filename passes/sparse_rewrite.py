@@ -183,6 +183,9 @@ def _rewrite_nodes(ctx: RewriteContext, model: ir.Model, fallback: str) -> None:
             _dense_rule(ctx, node, "dense", "downstream of a global op (exact mode)")
             continue
         rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if rule is not None and not any(ctx.is_spatial(o) for o in node.outputs):
+            _dense_rule(ctx, node, "dense", "non-spatial values: part of a dense island")
+            continue
         if rule is not None:
             try:
                 rule(ctx, node)
@@ -199,6 +202,8 @@ def _rewrite_nodes(ctx: RewriteContext, model: ir.Model, fallback: str) -> None:
             ctx.approximate(node, f"kept dense (--fallback dense): {reason}") if not ctx.exact else None
         else:
             unsupported.append(f"{node_label(node)}: {reason}")
+            for out in node.outputs:  # keep walking so that every unsupported node is reported
+                ctx.forms[out.name] = Dense(out.name, None)
     if unsupported:
         raise CompileError("unsupported nodes (use --fallback dense to keep them dense):\n  " + "\n  ".join(unsupported))
     for out in model.graph.outputs:

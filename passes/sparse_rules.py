@@ -97,9 +97,7 @@ def _sliding_window(ctx: RewriteContext, node: ir.Node, kernel: list[int], strid
                         upsample=upsample, prologue=prologue, hint=f"win::{node.name}")
     vals = emit_op(g)
     h, w = _in_size(ctx, node)
-    mask = _input_mask(ctx, node)
-    if upsample > 1:
-        mask = ctx.masks.upsample(mask, [upsample, upsample], [h * upsample, w * upsample])
+    mask = _input_mask(ctx, node)  # the input's own mask already includes any fused upsampling
     mask = ctx.masks.window(mask, [h, w], kernel, strides, pads, dilations, [res.height, res.width])
     ctx.set_sparse(node.outputs[0], vals, res, mask)
     ctx.report(node, "sparse", resolution=res.name, tile=res.tile, window=window,
@@ -303,16 +301,36 @@ def rule_pad(ctx: RewriteContext, node: ir.Node) -> None:
     gather_mode = {"constant": "zeros", "reflect": "reflect", "edge": "edge"}.get(mode)
     if gather_mode is None:
         raise Unsupported(f"Pad mode {mode}")
-    for use in node.outputs[0].uses():
-        if use.node.op_type not in ("Conv", "MaxPool", "AveragePool") or use.idx != 0:
-            raise Unsupported(f"Pad output feeds {use.node.op_type} '{use.node.name}' (only Conv/pool fold a Pad)")
-    if node.outputs[0].is_graph_output():
-        raise Unsupported("Pad output is a model output")
     inner = ctx.form(node.inputs[0])
     if isinstance(inner, Padded):
         raise Unsupported("two Pads in a row")
+    folds = all(use.node.op_type in ("Conv", "MaxPool", "AveragePool") and use.idx == 0
+                and (gather_mode == "zeros" or not any(attr(use.node, "pads") or [0]))
+                for use in node.outputs[0].uses()) and not node.outputs[0].is_graph_output()
+    if not folds:
+        _materialized_pad(ctx, node, inner, p, gather_mode)
+        return
     ctx.forms[node.outputs[0].name] = Padded(inner, (p[2], p[3], p[6], p[7]), gather_mode, node.name)
     ctx.report(node, "sparse", note=f"{mode} pad folded into the next gather")
+
+
+def _materialized_pad(ctx: RewriteContext, node: ir.Node, inner, p: list[int], mode: str) -> None:
+    """A Pad whose output is used by other ops: gather it on the padded map's own tile grid."""
+    res = _out_res(ctx, node)
+    src, prologue, upsample, _, _ = ctx.gather_source(inner)
+    if upsample != 1:
+        raise Unsupported("Pad of an upsampled view")
+    vals = ctx.tile_gather(src, res, window=[res.tile] * 2, step=[res.tile] * 2, offset=[-p[2], -p[3]],
+                           pad_mode=mode, prologue=prologue, hint=f"vals::{node.outputs[0].name}")
+    h, w = ctx.shape(node.inputs[0])[2:]
+    pads = [p[2], p[3], p[6], p[7]]
+    mask = ctx.masks.window(src.mask, [h, w], [1, 1], [1, 1], pads, [1, 1], [res.height, res.width])
+    if mode != "zeros" and src.mask is not None:
+        # reflected/replicated border pixels copy interior ones: dilate by the pad width
+        mask = ctx.masks.window(src.mask, [h, w], [2 * max(pads) + 1] * 2, [1, 1],
+                                [max(pads) + p_ for p_ in pads], [1, 1], [res.height, res.width])
+    ctx.set_sparse(node.outputs[0], vals, res, mask)
+    ctx.report(node, "sparse", resolution=res.name, tile=res.tile, note=f"{mode} pad")
 
 
 def _fused_view(ctx: RewriteContext, x_form, prologue: Prologue) -> View | None:

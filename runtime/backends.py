@@ -64,7 +64,7 @@ class OrtRunner:
             ort_ops.register(options)
         for name in names:
             if name not in weight_values:
-                weight_values[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(weights[name]))
+                weight_values[name] = ort.OrtValue.ortvalue_from_numpy(np.asarray(weights[name], order="C"))
         if names:
             options.add_external_initializers(names, [weight_values[n] for n in names])
         try:

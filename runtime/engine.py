@@ -145,7 +145,7 @@ class Engine:
         cache_sources = sorted({c["source"] for c in self.manifest["caches"]})
         names = self._outputs + [s for s in cache_sources if s not in self._outputs]
         results = dict(zip(names, self._runners["full"].run(feeds, names)))
-        tensors = {c["name"]: np.ascontiguousarray(results[c["source"]]) for c in self.manifest["caches"]}
+        tensors = {c["name"]: np.asarray(results[c["source"]], order="C") for c in self.manifest["caches"]}
         outputs = [results[n] for n in self._outputs]
         entry = CacheEntry(inputs={k: v.copy() for k, v in feeds.items()}, outputs=outputs, tensors=tensors)
         key = DEFAULT_KEY if key is None else key
@@ -250,7 +250,7 @@ class Engine:
                 raise InputError(f"input '{name}' has shape {list(array.shape)}, expected {spec['shape']}")
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise InputError(f"input '{name}' contains NaN or Inf values (sigec refuses non-finite inputs)")
-            feeds[name] = np.ascontiguousarray(array)
+            feeds[name] = np.asarray(array, order="C")
         return feeds
 
     def _check_static_inputs(self, feeds: Mapping[str, np.ndarray], entry: CacheEntry, key: Hashable | None) -> None:
@@ -273,7 +273,7 @@ class Engine:
         elif m.shape != (batch, h, w):
             raise InputError(f"mask has shape {list(m.shape)}, expected [{h}, {w}] or [{batch}, {h}, {w}] "
                              f"(the size of the spatial input)")
-        return np.ascontiguousarray(m)
+        return np.asarray(m, order="C")
 
     def _pixel_mask(self, feeds: Mapping[str, np.ndarray], entry: CacheEntry, mask: np.ndarray | None,
                     threshold: float | None, dilation: int | None) -> np.ndarray:

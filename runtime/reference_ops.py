@@ -108,7 +108,7 @@ def tile_gather(
     sx = torch.div(vx, upsample, rounding_mode="floor")[:, None, :]  # [N, 1, ww]
     bb = b[:, None, None]
     out = base[bb, :, sy, sx]  # [N, wh, ww, C]
-    if vals is not None:
+    if vals is not None and vals.shape[0] > 0:
         tile = vals.shape[2]
         slot = grid.to(device=base.device, dtype=torch.long)[bb, sy // tile, sx // tile]
         active = slot >= 0

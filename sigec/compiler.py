@@ -45,9 +45,9 @@ def _split_weights(protos: Mapping[str, onnx.ModelProto]) -> tuple[dict[str, byt
             array = onnx.numpy_helper.to_array(tensor)
             if tensor.name in weights:
                 if weights[tensor.name].shape != array.shape or not np.array_equal(weights[tensor.name], array):
-                    raise CompileError(f"internal: weight '{tensor.name}' differs between graphs")
+                    raise CompileError(f"internal: weight {tensor.name!r} differs between graphs: {weights[tensor.name]!r} vs {array!r} ({name})")
                 continue
-            weights[tensor.name] = np.ascontiguousarray(array)
+            weights[tensor.name] = np.asarray(array, order="C")
         del proto.graph.initializer[:]
         graphs[name] = proto.SerializeToString()
     return graphs, weights

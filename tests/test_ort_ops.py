@@ -1,0 +1,353 @@
+"""The ONNX Runtime kernels of ai.sigec (plugins/ort) against the PyTorch reference (docs/ops.md)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from sigec.errors import BackendError
+from sigec.runtime import ort_ops
+from sigec.runtime.reference_ops import ACTIVATIONS, PAD_MODES, tile_gather, tile_scatter
+
+GATHER_INPUTS = ("base", "vals", "grid", "coords", "scale", "shift")
+INT64_INPUTS = {"grid", "coords"}
+ACT_PARAMS = {"leaky_relu": (0.1, 0.0), "hard_sigmoid": (0.2, 0.5), "clip": (-0.5, 0.7)}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _session(nodes, inputs, outputs, threads: int = 1, extra_inputs=()) -> ort.InferenceSession:
+    value_infos = [
+        helper.make_tensor_value_info(name, TensorProto.INT64 if name in INT64_INPUTS else TensorProto.FLOAT, None)
+        for name in [*inputs, *extra_inputs]
+    ]
+    graph = helper.make_graph(
+        nodes, "g", value_infos, [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(ort_ops.DOMAIN, ort_ops.OPSET_VERSION)]
+    )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    ort_ops.register(options)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def run_gather(arrays: dict, threads: int = 1, **attrs) -> np.ndarray:
+    """Run a one-node TileGather graph; inputs missing from ``arrays`` are omitted from the node."""
+    node_inputs = [name if arrays.get(name) is not None else "" for name in GATHER_INPUTS]
+    while node_inputs[-1] == "":
+        node_inputs.pop()
+    present = [n for n in node_inputs if n]
+    node = helper.make_node("TileGather", node_inputs, ["out"], domain=ort_ops.DOMAIN, **attrs)
+    sess = _session([node], present, ["out"], threads)
+    return sess.run(None, {n: arrays[n] for n in present})[0]
+
+
+def ref_gather(arrays: dict, **attrs) -> np.ndarray:
+    t = {n: (torch.from_numpy(arrays[n]) if arrays.get(n) is not None else None) for n in GATHER_INPUTS}
+    return tile_gather(t["base"], t["vals"], t["grid"], t["coords"], t["scale"], t["shift"], **attrs).numpy()
+
+
+def check_gather(arrays: dict, threads: int = 1, **attrs) -> np.ndarray:
+    out = run_gather(arrays, threads, **attrs)
+    expected = ref_gather(arrays, **attrs)
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+    return out
+
+
+def sparse_input(rng, batch, channels, height, width, tile, cells=None, frac=0.0):
+    """base [B, C, H, W] plus vals/grid for the given active cells (b, cy, cx) or a random fraction."""
+    gh, gw = -(-height // tile), -(-width // tile)
+    if cells is None:
+        mask = rng.random((batch, gh, gw)) < frac
+        cells = [tuple(int(v) for v in c) for c in np.argwhere(mask)]
+    cells = sorted(set(cells))
+    grid = -np.ones((batch, gh, gw), np.int64)
+    for slot, (b, cy, cx) in enumerate(cells):
+        grid[b, cy, cx] = slot
+    return {
+        "base": rng.standard_normal((batch, channels, height, width)).astype(np.float32),
+        "vals": rng.standard_normal((len(cells), channels, tile, tile)).astype(np.float32),
+        "grid": grid,
+    }
+
+
+def coords_of(cells) -> np.ndarray:
+    return np.array(sorted(cells), np.int64).reshape(-1, 3)
+
+
+def conv_attrs(tile: int) -> dict:
+    """A 3x3 stride-1 pad-1 convolution on T x T output tiles."""
+    return {"window": [tile + 2, tile + 2], "step": [tile, tile], "offset": [-1, -1]}
+
+
+# ---------------------------------------------------------------------------------------------- TileGather
+
+
+def test_zero_active_tiles_give_empty_output():
+    rng = np.random.default_rng(0)
+    arrays = sparse_input(rng, 2, 3, 16, 16, 8, cells=[])
+    arrays["coords"] = np.zeros((0, 3), np.int64)
+    out = check_gather(arrays, **conv_attrs(8))
+    assert out.shape == (0, 3, 10, 10)
+
+
+@pytest.mark.parametrize("pad_mode", PAD_MODES)
+def test_corner_and_border_tiles(pad_mode):
+    # 21 x 19 is not a multiple of the tile size: the last row/column of tiles is partial.
+    rng = np.random.default_rng(1)
+    B, C, H, W, T = 2, 3, 21, 19, 8
+    gh, gw = 3, 3
+    corners = [(b, y, x) for b in range(B) for y in (0, gh - 1) for x in (0, gw - 1)]
+    arrays = sparse_input(rng, B, C, H, W, T, cells=corners + [(1, 1, 1), (0, 1, 2)])
+    arrays["coords"] = coords_of(corners)
+    out = check_gather(arrays, pad_mode=pad_mode, **conv_attrs(T))
+    assert out.shape == (8, C, T + 2, T + 2)
+    if pad_mode == "zeros":
+        assert np.all(out[0, :, 0, :] == 0) and np.all(out[0, :, :, 0] == 0)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_every_activation(activation):
+    rng = np.random.default_rng(2)
+    B, C, H, W, T = 2, 4, 20, 20, 6
+    arrays = sparse_input(rng, B, C, H, W, T, frac=0.5)
+    arrays["coords"] = coords_of([(b, y, x) for b in range(B) for y in range(4) for x in range(4) if (y + x + b) % 3 == 0])
+    arrays["scale"] = (rng.standard_normal((B, C)) * 2).astype(np.float32)
+    arrays["shift"] = rng.standard_normal((C,)).astype(np.float32)
+    alpha, beta = ACT_PARAMS.get(activation, (0.0, 0.0))
+    out = check_gather(arrays, activation=activation, alpha=alpha, beta=beta, **conv_attrs(T))
+    if activation == "relu":
+        assert out.min() == 0.0
+
+
+@pytest.mark.parametrize("pad_mode", PAD_MODES)
+@pytest.mark.parametrize("upsample", [1, 2])
+def test_pad_modes_on_tiny_map(pad_mode, upsample):
+    # A 3 x 5 map with 4 x 4 tiles: windows stick out on both sides.
+    rng = np.random.default_rng(3)
+    arrays = sparse_input(rng, 1, 2, 3, 5, 4, cells=[(0, 0, 1)])
+    grid_h, grid_w = -(-3 * upsample // 4), -(-5 * upsample // 4)
+    arrays["coords"] = coords_of([(0, y, x) for y in range(grid_h) for x in range(grid_w)])
+    check_gather(arrays, pad_mode=pad_mode, upsample=upsample, activation="tanh", **conv_attrs(4))
+
+
+@pytest.mark.parametrize("pad_mode", PAD_MODES)
+def test_upsample_2(pad_mode):
+    # Nearest 2x upsampling fused into the gather of a 3x3 convolution on the upsampled map.
+    rng = np.random.default_rng(4)
+    B, C, H, W, T = 2, 3, 10, 9, 4
+    arrays = sparse_input(rng, B, C, H, W, T, frac=0.4)
+    gh, gw = -(-2 * H // 8), -(-2 * W // 8)
+    arrays["coords"] = coords_of([(b, y, x) for b in range(B) for y in range(gh) for x in range(gw) if (x * y + b) % 2 == 0])
+    check_gather(arrays, upsample=2, pad_mode=pad_mode, **conv_attrs(8))
+
+
+def test_strided_conv_geometry():
+    # 3x3 stride-2 conv, output tile T: window (T - 1) * 2 + 3, step 2T.
+    rng = np.random.default_rng(5)
+    B, C, H, W, T = 2, 3, 33, 30, 4
+    arrays = sparse_input(rng, B, C, H, W, T, frac=0.3)
+    out_h, out_w = (H + 1) // 2, (W + 1) // 2
+    gh, gw = -(-out_h // T), -(-out_w // T)
+    arrays["coords"] = coords_of([(b, y, x) for b in range(B) for y in range(gh) for x in range(gw) if (y + 2 * x + b) % 3])
+    window = (T - 1) * 2 + 3
+    check_gather(arrays, window=[window, window], step=[2 * T, 2 * T], offset=[-1, -1], activation="relu")
+
+
+def test_transposed_conv_geometry():
+    # Transposed-conv style: the output map is twice the input, output tile T reads T/2 + 2 inputs.
+    rng = np.random.default_rng(6)
+    B, C, H, W, T = 1, 3, 12, 14, 8
+    arrays = sparse_input(rng, B, C, H, W, 4, frac=0.3)
+    gh, gw = -(-2 * H // T), -(-2 * W // T)
+    arrays["coords"] = coords_of([(0, y, x) for y in range(gh) for x in range(gw)])
+    check_gather(arrays, window=[T // 2 + 2, T // 2 + 2], step=[T // 2, T // 2], offset=[-1, -1])
+
+
+def test_vals_absent_reads_base():
+    rng = np.random.default_rng(7)
+    arrays = sparse_input(rng, 2, 3, 17, 23, 8, cells=[])
+    arrays["vals"] = arrays["grid"] = None
+    arrays["coords"] = coords_of([(0, 0, 0), (0, 2, 2), (1, 1, 2), (1, 2, 0)])
+    out = check_gather(arrays, **conv_attrs(8))
+    np.testing.assert_array_equal(out[0, :, 1:, 1:], arrays["base"][0, :, :9, :9])
+    assert np.all(out[0, :, 0, :] == 0)
+
+
+@pytest.mark.parametrize("scale_shape", [None, "C", "BC"])
+@pytest.mark.parametrize("shift_shape", [None, "C", "BC"])
+def test_scale_shift_shapes(scale_shape, shift_shape):
+    rng = np.random.default_rng(8)
+    B, C = 2, 5
+    arrays = sparse_input(rng, B, C, 16, 16, 8, cells=[(0, 0, 1), (1, 1, 0)])
+    arrays["coords"] = coords_of([(0, 0, 0), (1, 1, 1)])
+    shapes = {None: None, "C": (C,), "BC": (B, C)}
+    for name, kind in (("scale", scale_shape), ("shift", shift_shape)):
+        shape = shapes[kind]
+        arrays[name] = None if shape is None else rng.standard_normal(shape).astype(np.float32)
+    check_gather(arrays, activation="silu", **conv_attrs(8))
+
+
+def test_large_random_two_threads():
+    rng = np.random.default_rng(9)
+    B, C, H, W, T = 1, 64, 96, 80, 8
+    arrays = sparse_input(rng, B, C, H, W, T, frac=0.3)
+    arrays["coords"] = coords_of([tuple(c) for c in np.argwhere(arrays["grid"] >= 0)] + [(0, 0, 0), (0, 11, 9)])
+    arrays["scale"] = rng.standard_normal((C,)).astype(np.float32)
+    arrays["shift"] = rng.standard_normal((B, C)).astype(np.float32)
+    out = check_gather(arrays, threads=2, activation="silu", **conv_attrs(T))
+    assert out.shape[0] == len(arrays["coords"])
+    plain = {k: arrays[k] for k in ("base", "vals", "grid", "coords")}
+    check_gather(plain, threads=2, **conv_attrs(T))
+
+
+def test_gather_output_shape_is_inferred():
+    node = helper.make_node("TileGather", ["base", "", "", "coords"], ["out"], domain=ort_ops.DOMAIN, window=[6, 7], step=[4, 4])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [
+            helper.make_tensor_value_info("base", TensorProto.FLOAT, [1, 3, 8, 8]),
+            helper.make_tensor_value_info("coords", TensorProto.INT64, ["N", 3]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(ort_ops.DOMAIN, 1)])
+    options = ort.SessionOptions()
+    ort_ops.register(options)
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    assert sess.get_outputs()[0].shape == ["N", 3, 6, 7]
+
+
+# ---------------------------------------------------------------------------------------------- TileScatter
+
+
+def run_scatter(base, vals, coords, threads: int = 1, base_from_add: bool = False) -> np.ndarray:
+    nodes = [helper.make_node("TileScatter", ["b", "vals", "coords"], ["out"], domain=ort_ops.DOMAIN)]
+    if base_from_add:  # base is an intermediate: ONNX Runtime may hand its buffer to the output
+        nodes.insert(0, helper.make_node("Add", ["base", "base"], ["b"]))
+    else:
+        nodes.insert(0, helper.make_node("Identity", ["base"], ["b"]))
+    sess = _session(nodes, ["base", "vals", "coords"], ["out"], threads)
+    return sess.run(None, {"base": base, "vals": vals, "coords": coords})[0]
+
+
+@pytest.mark.parametrize("base_from_add", [False, True])
+def test_scatter_border_tiles_batch_2(base_from_add):
+    rng = np.random.default_rng(10)
+    B, C, H, W, T = 2, 3, 21, 19, 8
+    cells = [(0, 0, 0), (0, 2, 2), (0, 2, 1), (1, 0, 2), (1, 1, 1), (1, 2, 0)]
+    base = rng.standard_normal((B, C, H, W)).astype(np.float32)
+    vals = rng.standard_normal((len(cells), C, T, T)).astype(np.float32)
+    coords = coords_of(cells)
+    out = run_scatter(base, vals, coords, threads=2, base_from_add=base_from_add)
+    src = base * 2 if base_from_add else base
+    expected = tile_scatter(torch.from_numpy(src), torch.from_numpy(vals), torch.from_numpy(coords)).numpy()
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(out[1, :, 16:, :8], vals[5, :, :5, :8])
+
+
+def test_scatter_no_tiles_and_large_unsorted():
+    rng = np.random.default_rng(11)
+    B, C, H, W, T = 1, 32, 64, 72, 8
+    base = rng.standard_normal((B, C, H, W)).astype(np.float32)
+    out = run_scatter(base, np.zeros((0, C, T, T), np.float32), np.zeros((0, 3), np.int64))
+    np.testing.assert_array_equal(out, base)
+    cells = [tuple(int(v) for v in c) for c in np.argwhere(rng.random((B, 8, 9)) < 0.3)]
+    rng.shuffle(cells)
+    coords = np.array(cells, np.int64)
+    vals = rng.standard_normal((len(cells), C, T, T)).astype(np.float32)
+    out = run_scatter(base, vals, coords, threads=2)
+    expected = tile_scatter(torch.from_numpy(base), torch.from_numpy(vals), torch.from_numpy(coords)).numpy()
+    np.testing.assert_array_equal(out, expected)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_bad_gather_inputs_raise_errors():
+    rng = np.random.default_rng(12)
+    arrays = sparse_input(rng, 2, 3, 16, 16, 8, cells=[(0, 0, 0)])
+    arrays["coords"] = coords_of([(2, 0, 0)])  # batch 2 of 2
+    with pytest.raises(Exception, match=r"TileGather: coords\[0\] = \(2, 0, 0\): batch index"):
+        run_gather(arrays, **conv_attrs(8))
+    arrays["coords"] = coords_of([(0, 5000, 0)])
+    with pytest.raises(Exception, match="TileGather: .*outside"):
+        run_gather(arrays, **conv_attrs(8))
+    arrays["coords"] = coords_of([(0, 0, 0)])
+    bad_grid = dict(arrays, grid=np.full_like(arrays["grid"], 7))
+    with pytest.raises(Exception, match="TileGather: input 'grid' holds slot 7"):
+        run_gather(bad_grid, **conv_attrs(8))
+    bad_vals = dict(arrays, vals=arrays["vals"][:, :2])
+    with pytest.raises(Exception, match="TileGather: input 'vals' must have shape"):
+        run_gather(bad_vals, **conv_attrs(8))
+    bad_scale = dict(arrays, scale=np.ones((4,), np.float32))
+    with pytest.raises(Exception, match="TileGather: input 'scale'"):
+        run_gather(bad_scale, **conv_attrs(8))
+    with pytest.raises(Exception, match="TileGather: unknown activation"):
+        run_gather(arrays, activation="gelu", **conv_attrs(8))
+
+
+def test_bad_scatter_coords_raise_error():
+    base = np.zeros((1, 2, 10, 10), np.float32)
+    vals = np.ones((1, 2, 8, 8), np.float32)
+    with pytest.raises(Exception, match="TileScatter: coords.*outside the tile grid"):
+        run_scatter(base, vals, np.array([[0, 2, 0]], np.int64))
+    with pytest.raises(Exception, match="TileScatter: input 'vals'"):
+        run_scatter(base, vals, np.zeros((0, 3), np.int64))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def test_library_loads_in_fresh_subprocess():
+    env = {k: v for k, v in os.environ.items() if k != ort_ops.ENV_LIBRARY}
+    code = (
+        "import numpy as np, onnxruntime as ort\n"
+        "from onnx import helper, TensorProto\n"
+        "from sigec.runtime import ort_ops\n"
+        "node = helper.make_node('TileGather', ['base', '', '', 'coords'], ['out'], domain='ai.sigec', window=[2, 2], step=[2, 2])\n"
+        "g = helper.make_graph([node], 'g', [helper.make_tensor_value_info('base', TensorProto.FLOAT, None),"
+        " helper.make_tensor_value_info('coords', TensorProto.INT64, None)], [helper.make_tensor_value_info('out', TensorProto.FLOAT, None)])\n"
+        "m = helper.make_model(g, opset_imports=[helper.make_opsetid('', 18), helper.make_opsetid('ai.sigec', 1)])\n"
+        "so = ort.SessionOptions(); ort_ops.register(so)\n"
+        "s = ort.InferenceSession(m.SerializeToString(), so, providers=['CPUExecutionProvider'])\n"
+        "base = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)\n"
+        "print(s.run(None, {'base': base, 'coords': np.array([[0, 1, 1]])})[0].ravel().tolist())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[10.0, 11.0, 14.0, 15.0]"
+
+
+def test_library_path_override(monkeypatch, tmp_path):
+    real = ort_ops.library_path()
+    assert real.is_file() and real.name.startswith("libsigec_ort_ops")
+    monkeypatch.setenv(ort_ops.ENV_LIBRARY, str(real))
+    assert ort_ops.library_path() == real.resolve()
+    monkeypatch.setenv(ort_ops.ENV_LIBRARY, str(tmp_path / "missing.so"))
+    with pytest.raises(BackendError, match="pip install"):
+        ort_ops.library_path()
+    with pytest.raises(BackendError):
+        ort_ops.register(ort.SessionOptions())
+
+
+def test_register_rejects_a_non_library(monkeypatch, tmp_path):
+    fake = Path(tmp_path / "libsigec_ort_ops.so")
+    fake.write_bytes(b"not an ELF file")
+    monkeypatch.setenv(ort_ops.ENV_LIBRARY, str(fake))
+    with pytest.raises(BackendError, match="could not load"):
+        ort_ops.register(ort.SessionOptions())
