@@ -26,8 +26,12 @@ class GraphRunner(Protocol):
         """Execute the graph."""
 
 
+SMALL_WEIGHT_BYTES = 4096
+
+
 def _declare_external_weights(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]) -> list[str]:
-    """Declare every weight the graph reads as an external-data initializer; return their names."""
+    """Attach the weights the graph reads: small ones (shapes, pads, scales, which ONNX Runtime's
+    shape inference must see) embedded, large ones as external initializers; return the latter."""
     used = {i for node in model.graph.node for i in node.input}
     present = {t.name for t in model.graph.initializer}
     names = []
@@ -35,6 +39,9 @@ def _declare_external_weights(model: onnx.ModelProto, weights: Mapping[str, np.n
         if name in present:
             continue
         array = weights[name]
+        if array.nbytes <= SMALL_WEIGHT_BYTES or array.dtype.kind in "iub":
+            model.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(array), name))
+            continue
         t = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
                              dims=list(array.shape), data_location=onnx.TensorProto.EXTERNAL)
         entry = t.external_data.add()

@@ -16,6 +16,7 @@ from typing import Any, Hashable, Mapping, Sequence
 import numpy as np
 
 from sigec.errors import CacheError, InputError
+from sigec.runtime import costs
 from sigec.runtime.mask_program import TileIndex, run_instructions, run_mask_program
 from sigec.runtime.tiles import scatter_tiles_inplace
 
@@ -100,11 +101,12 @@ class Engine:
         self._caches: dict[Hashable, CacheEntry] = {}
         self._caches_lock = threading.Lock()
         options = self.manifest.get("options", {})
+        # Fall back to the dense graph when the sparse run would execute at least this fraction of
+        # the dense MACs (the sparse path's overheads make it slower beyond that point).
         self.dense_fallback_fraction = float(dense_fallback_fraction if dense_fallback_fraction is not None
-                                             else options.get("dense_fallback_fraction", 1.01))
+                                             else options.get("dense_fallback_fraction", 0.6))
         self._local = threading.local()
-        self._node_costs = [(n.get("resolution"), int(n.get("macs_per_tile", 0)), int(n.get("dense_macs", 0)), n["kind"])
-                            for n in self.manifest.get("nodes", [])]
+        self._nodes = list(self.manifest.get("nodes", []))
 
     # ----- public surface ---------------------------------------------------------------------
     @property
@@ -188,8 +190,7 @@ class Engine:
                     entry.inputs = {k: v.copy() for k, v in feeds.items()}
                 return [o.copy() for o in entry.outputs]
             tiles = run_mask_program(self.manifest["mask_program"], self.manifest["resolutions"], pixel_mask)
-            fractions = self._fractions(tiles)
-            if fractions and max(fractions.values()) >= self.dense_fallback_fraction:
+            if self._executed_macs(tiles) >= self.dense_fallback_fraction * max(self._dense_macs(), 1):
                 return self._run_dense_path(feeds, entry, update_cache, start, tiles)
             outputs, updates = self._run_sparse(feeds, entry, tiles, update_cache)
             if update_cache:
@@ -333,18 +334,10 @@ class Engine:
         return outputs
 
     def _dense_macs(self) -> int:
-        return sum(d for _, _, d, kind in self._node_costs if kind != "static")
+        return costs.dense_macs(self._nodes)
 
     def _executed_macs(self, tiles: Mapping[str, TileIndex]) -> int:
-        total = 0
-        for res, per_tile, dense, kind in self._node_costs:
-            if kind == "static":
-                continue
-            if kind in ("sparse", "approx") and per_tile and res in tiles:
-                total += per_tile * tiles[res].count
-            elif kind == "dense":
-                total += dense
-        return total
+        return costs.executed_macs(self._nodes, tiles)
 
     def _record(self, path: str, start: float, tiles: Mapping[str, TileIndex], executed: int) -> None:
         self._local.stats = RunStats(path=path, wall_ms=(time.perf_counter() - start) * 1e3,

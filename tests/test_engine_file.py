@@ -63,7 +63,9 @@ def _manifest() -> dict[str, Any]:
         "mode": "exact",
         "inputs": [{"name": "x", "shape": [1, 3, 8, 8], "dtype": "float32", "spatial": True}],
         "outputs": [{"name": "y", "shape": [1, 4, 8, 8], "dtype": "float32"}],
-        "caches": [{"name": "c0", "source": "conv_out", "shape": [1, 4, 8, 8], "dtype": "float32", "kind": "activation"}],
+        "caches": [
+            {"name": "c0", "source": "conv_out", "shape": [1, 4, 8, 8], "dtype": "float32", "kind": "activation"}
+        ],
         "resolutions": [{"name": "r8", "size": [8, 8], "tile": 4}],
         "mask_program": {
             "input_size": [8, 8],
@@ -217,7 +219,8 @@ def test_write_fills_format_fields_and_normalizes_layout(tmp_path: pathlib.Path)
     base = np.arange(24, dtype=np.float32).reshape(4, 6)
     contents.weights = {"transposed": base.T, "big_endian": np.arange(5, dtype=">i4"), "strided": base[:, ::2]}
     loaded = read_engine(write_engine(tmp_path / "e.sigec", contents))
-    assert loaded.manifest == {**contents.manifest, "format": FORMAT_NAME, "format_version": 1, "sigec_version": "0.1.0"}
+    filled = {"format": FORMAT_NAME, "format_version": 1, "sigec_version": "0.1.0"}
+    assert loaded.manifest == {**contents.manifest, **filled}
     assert loaded.weights["big_endian"].dtype == np.dtype("<i4")
     np.testing.assert_array_equal(loaded.weights["big_endian"], np.arange(5))
     np.testing.assert_array_equal(loaded.weights["transposed"], base.T)
@@ -363,7 +366,9 @@ def _bad_contents(change: Callable[[EngineContents], None]) -> EngineContents:
         (lambda c: c.blobs.update({"x": "text"}), "blob 'x' must be bytes"),
     ],
 )
-def test_write_rejects_bad_contents(tmp_path: pathlib.Path, change: Callable[[EngineContents], None], fragment: str) -> None:
+def test_write_rejects_bad_contents(
+    tmp_path: pathlib.Path, change: Callable[[EngineContents], None], fragment: str
+) -> None:
     with pytest.raises(EngineFileError) as caught:
         write_engine(tmp_path / "e.sigec", _bad_contents(change))
     assert fragment in str(caught.value)
@@ -547,18 +552,26 @@ def _set(path: tuple[Any, ...], value: Any) -> Callable[[dict[str, Any]], None]:
         (_set(("outputs",), {}), "field 'outputs' must be a list, got object"),
         (_set(("resolutions", 0, "size"), [8]), "field 'resolutions[0].size' must have at least 2 elements"),
         (_set(("resolutions", 0, "tile"), 0), "field 'resolutions[0].tile' must be at least 1"),
-        (_set(("mask_program", "threshold"), True), "field 'mask_program.threshold' must be a finite number, got boolean"),
+        (
+            _set(("mask_program", "threshold"), True),
+            "field 'mask_program.threshold' must be a finite number, got boolean",
+        ),
         (_set(("mask_program", "instructions", 1, "op"), ...), "field 'mask_program.instructions[1].op' is missing"),
         (_set(("updates", 0, "cache"), None), "field 'updates[0].cache' must be a string, got null"),
         (_set(("approximations",), [1]), "field 'approximations[0]' must be an object"),
         (_set(("options",), []), "field 'options' must be an object"),
-        (_set(("members", "graphs/full.onnx", "sha256"), "abc"), "field \"members['graphs/full.onnx'].sha256\" must match"),
+        (
+            _set(("members", "graphs/full.onnx", "sha256"), "abc"),
+            "field \"members['graphs/full.onnx'].sha256\" must match",
+        ),
         (_set(("members", "weights.bin"), ...), "field 'members' lacks 'weights.bin'"),
         (_set(("weights", 0, "offset"), -64), "field 'weights[0].offset' must be at least 0"),
         (_set(("weights",), ...), "field 'weights' is missing"),
     ],
 )
-def test_manifest_field_errors(engine_path: pathlib.Path, edit: Callable[[dict[str, Any]], None], fragment: str) -> None:
+def test_manifest_field_errors(
+    engine_path: pathlib.Path, edit: Callable[[dict[str, Any]], None], fragment: str
+) -> None:
     _repack(engine_path, edit_manifest=edit)
     _expect_error(engine_path, fragment)
 
@@ -646,7 +659,8 @@ REPLACEMENTS: list[Any] = [None, True, 7, -1, 2.5, "text", [], {}, [1, "a"], {"k
 
 # Where a byte flip lands: anywhere, in the last 400 bytes (the central directory), or in manifest.json's data.
 FLIP_REGIONS = st.sampled_from(["anywhere", "tail", "manifest"])
-FLIPS = st.tuples(st.just("flip"), st.lists(st.tuples(FLIP_REGIONS, st.integers(0, 2**20), st.integers(1, 255)), min_size=1, max_size=4))
+FLIP = st.tuples(FLIP_REGIONS, st.integers(0, 2**20), st.integers(1, 255))  # region, position, xor mask
+FLIPS = st.tuples(st.just("flip"), st.lists(FLIP, min_size=1, max_size=4))
 MUTATIONS = st.one_of(
     FLIPS,
     FLIPS,  # twice: flips are drawn twice as often as each other kind

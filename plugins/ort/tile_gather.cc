@@ -1,0 +1,370 @@
+#include "tile_gather.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include "shape_infer.h"
+
+namespace sigec_ort {
+namespace {
+
+constexpr const char* kOp = "TileGather";
+constexpr int64_t kMaxWindow = int64_t{1} << 16;
+constexpr int64_t kMaxStep = int64_t{1} << 16;
+constexpr int64_t kMaxOffset = int64_t{1} << 30;
+constexpr int64_t kMaxUpsample = 1024;
+constexpr int64_t kMaxTileIndex = int64_t{1} << 30;
+// Target number of output floats per parallel work item.
+constexpr int64_t kItemFloats = 16384;
+
+enum Source : uint8_t { kZero = 0, kBase = 1, kVals = 2 };
+
+// A run of consecutive window columns of one row that read from one source. Offsets (without the
+// channel term) are in Plan::offsets; `contiguous` runs read consecutive source elements.
+struct Run {
+  int32_t col;
+  int32_t len;
+  Source source;
+  bool contiguous;
+};
+
+// How each window position of one tile reads its value; shared by all channels of the tile.
+struct Plan {
+  std::vector<int64_t> offsets;  // [wh * ww], element offset inside the channel-0 source
+  std::vector<Run> runs;
+  std::vector<int32_t> row_begin;  // [wh + 1] index into runs
+  std::vector<int64_t> src_col;    // [ww] scratch: source column or -1
+};
+
+// Everything a worker needs; read-only during the parallel loop.
+struct GatherJob {
+  const TileGatherAttrs* attrs;
+  const float* base;
+  int64_t batch, channels, height, width;
+  const float* vals;  // nullptr when absent
+  const int64_t* grid;
+  int64_t tile, grid_h, grid_w;
+  const int64_t* coords;
+  const float* scale;  // nullptr when absent
+  bool scale_batched;
+  const float* shift;
+  bool shift_batched;
+  float* out;
+  int64_t channel_block, blocks_per_tile;
+};
+
+void BuildPlan(const GatherJob& job, int64_t b, int64_t ty, int64_t tx, Plan* plan) {
+  const TileGatherAttrs& a = *job.attrs;
+  const int64_t wh = a.window[0], ww = a.window[1], up = a.upsample;
+  const int64_t hv = job.height * up, wv = job.width * up;
+  const int64_t y0 = ty * a.step[0] + a.offset[0];
+  const int64_t x0 = tx * a.step[1] + a.offset[1];
+  const int64_t tile_area = job.tile * job.tile;
+  plan->offsets.resize(wh * ww);
+  plan->runs.clear();
+  plan->row_begin.resize(wh + 1);
+  plan->src_col.resize(ww);
+  for (int64_t j = 0; j < ww; ++j) {
+    const int64_t vx = MapPadded(x0 + j, wv, a.pad_mode);
+    plan->src_col[j] = vx < 0 ? -1 : vx / up;
+  }
+  for (int64_t i = 0; i < wh; ++i) {
+    plan->row_begin[i] = static_cast<int32_t>(plan->runs.size());
+    const int64_t vy = MapPadded(y0 + i, hv, a.pad_mode);
+    int64_t* offsets = plan->offsets.data() + i * ww;
+    if (vy < 0) {
+      plan->runs.push_back(Run{0, static_cast<int32_t>(ww), kZero, true});
+      continue;
+    }
+    const int64_t sy = vy / up;
+    const int64_t* grid_row = job.vals ? job.grid + (b * job.grid_h + sy / job.tile) * job.grid_w : nullptr;
+    const int64_t base_row = (b * job.channels * job.height + sy) * job.width;
+    const int64_t vals_row = (sy % job.tile) * job.tile;
+    for (int64_t j = 0; j < ww; ++j) {
+      const int64_t sx = plan->src_col[j];
+      Source source = kZero;
+      int64_t offset = 0;
+      if (sx >= 0) {
+        const int64_t slot = grid_row ? grid_row[sx / job.tile] : -1;
+        if (slot >= 0) {
+          source = kVals;
+          offset = slot * job.channels * tile_area + vals_row + sx % job.tile;
+        } else {
+          source = kBase;
+          offset = base_row + sx;
+        }
+      }
+      offsets[j] = offset;
+      Run* last = plan->runs.size() > static_cast<size_t>(plan->row_begin[i]) ? &plan->runs.back() : nullptr;
+      if (last != nullptr && last->source == source) {
+        last->contiguous = last->contiguous && (source == kZero || offsets[j - 1] + 1 == offset);
+        ++last->len;
+      } else {
+        plan->runs.push_back(Run{static_cast<int32_t>(j), 1, source, true});
+      }
+    }
+  }
+  plan->row_begin[wh] = static_cast<int32_t>(plan->runs.size());
+}
+
+// Fills one channel of one output window following `plan`.
+template <Activation A, bool kAffine>
+void FillChannel(const Plan& plan, int64_t wh, int64_t ww, const float* base_c, const float* vals_c, float* out_c,
+                 float scale, float shift, float alpha, float beta) {
+  for (int64_t i = 0; i < wh; ++i) {
+    const int64_t* row_offsets = plan.offsets.data() + i * ww;
+    float* out_row = out_c + i * ww;
+    for (int32_t r = plan.row_begin[i]; r < plan.row_begin[i + 1]; ++r) {
+      const Run& run = plan.runs[r];
+      float* dst = out_row + run.col;
+      const int32_t len = run.len;
+      if (run.source == kZero) {
+        std::fill(dst, dst + len, 0.0f);
+        continue;
+      }
+      const float* src = run.source == kBase ? base_c : vals_c;
+      const int64_t* offs = row_offsets + run.col;
+      if (run.contiguous) {
+        const float* s = src + offs[0];
+        if constexpr (A == Activation::kNone && !kAffine) {
+          std::memcpy(dst, s, sizeof(float) * static_cast<size_t>(len));
+        } else {
+          for (int32_t k = 0; k < len; ++k) {
+            const float v = kAffine ? s[k] * scale + shift : s[k];
+            dst[k] = Activate<A>(v, alpha, beta);
+          }
+        }
+      } else {
+        for (int32_t k = 0; k < len; ++k) {
+          const float x = src[offs[k]];
+          const float v = kAffine ? x * scale + shift : x;
+          dst[k] = Activate<A>(v, alpha, beta);
+        }
+      }
+    }
+  }
+}
+
+// Asks the cache for every source line one channel of `plan` will read. The reads of one channel
+// are short rows scattered over a large map, which hardware prefetchers do not predict; fetching a
+// few channels ahead keeps several memory requests in flight instead of one.
+void PrefetchChannel(const Plan& plan, int64_t ww, const float* base_c, const float* vals_c) {
+  const int64_t rows = static_cast<int64_t>(plan.row_begin.size()) - 1;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t* row_offsets = plan.offsets.data() + i * ww;
+    for (int32_t r = plan.row_begin[i]; r < plan.row_begin[i + 1]; ++r) {
+      const Run& run = plan.runs[r];
+      if (run.source == kZero) continue;
+      const float* src = run.source == kBase ? base_c : vals_c;
+      __builtin_prefetch(src + row_offsets[run.col]);
+      __builtin_prefetch(src + row_offsets[run.col + run.len - 1]);
+    }
+  }
+}
+
+// How many channels ahead PrefetchChannel runs.
+#ifndef SIGEC_PREFETCH
+#define SIGEC_PREFETCH 4
+#endif
+constexpr int64_t kPrefetchChannels = SIGEC_PREFETCH;
+
+// Computes work item `item` = (tile, channel block).
+template <Activation A, bool kAffine>
+void GatherItem(const GatherJob& job, size_t item) {
+  thread_local Plan plan;
+  const TileGatherAttrs& a = *job.attrs;
+  const int64_t n = static_cast<int64_t>(item) / job.blocks_per_tile;
+  const int64_t block = static_cast<int64_t>(item) % job.blocks_per_tile;
+  const int64_t c0 = block * job.channel_block;
+  const int64_t c1 = std::min(job.channels, c0 + job.channel_block);
+  const int64_t b = job.coords[3 * n], ty = job.coords[3 * n + 1], tx = job.coords[3 * n + 2];
+  BuildPlan(job, b, ty, tx, &plan);
+  const int64_t wh = a.window[0], ww = a.window[1];
+  const int64_t plane = job.height * job.width;
+  const int64_t tile_area = job.tile * job.tile;
+  auto base_of = [&](int64_t c) { return job.base + c * plane; };
+  auto vals_of = [&](int64_t c) { return job.vals ? job.vals + c * tile_area : nullptr; };
+  for (int64_t c = c0; c < std::min(c1, c0 + kPrefetchChannels); ++c) {
+    PrefetchChannel(plan, ww, base_of(c), vals_of(c));
+  }
+  for (int64_t c = c0; c < c1; ++c) {
+    if (c + kPrefetchChannels < c1) {
+      PrefetchChannel(plan, ww, base_of(c + kPrefetchChannels), vals_of(c + kPrefetchChannels));
+    }
+    float scale = 1.0f, shift = 0.0f;
+    if (job.scale) scale = job.scale[job.scale_batched ? b * job.channels + c : c];
+    if (job.shift) shift = job.shift[job.shift_batched ? b * job.channels + c : c];
+    float* out_c = job.out + (n * job.channels + c) * wh * ww;
+    FillChannel<A, kAffine>(plan, wh, ww, base_of(c), vals_of(c), out_c, scale, shift, a.alpha, a.beta);
+  }
+}
+
+void CheckPerChannel(const char* name, const Input& input, int64_t batch, int64_t channels) {
+  if (!input.present) return;
+  if (input.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) Fail(kOp, std::string("input '") + name + "' must be float");
+  const bool ok = (input.Rank() == 1 && input.Dim(0) == channels) ||
+                  (input.Rank() == 2 && input.Dim(0) == batch && input.Dim(1) == channels);
+  if (!ok) {
+    Fail(kOp, std::string("input '") + name + "' must have shape [C] or [B, C] = [" + std::to_string(batch) + ", " +
+                  std::to_string(channels) + "], got " + ShapeString(input.shape));
+  }
+}
+
+OrtStatusPtr InferShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
+  return GuardStatus([&] {
+    const InferredShape base = InputShape(ctx, 0);
+    const InferredShape coords = InputShape(ctx, 3);
+    const std::vector<int64_t> window = IntsAttribute(ctx, "window");
+    if (base.dims.size() != 4) Fail(kOp, "input 'base' must have rank 4, got " + ShapeString(base.dims));
+    if (coords.dims.size() != 2) Fail(kOp, "input 'coords' must have rank 2, got " + ShapeString(coords.dims));
+    if (window.size() != 2) Fail(kOp, "attribute 'window' must have 2 values");
+    InferredShape out;
+    out.dims = {coords.dims[0], base.dims[1], window[0], window[1]};
+    out.symbols = {coords.symbols[0], base.symbols[1], "", ""};
+    SetFloatOutput(ctx, 0, out);
+  });
+}
+
+}  // namespace
+
+TileGatherAttrs ReadTileGatherAttrs(const OrtKernelInfo* info) {
+  TileGatherAttrs a;
+  const auto window = AttrInts(info, kOp, "window", {}, true);
+  const auto step = AttrInts(info, kOp, "step", {}, true);
+  const auto offset = AttrInts(info, kOp, "offset", {0, 0}, false);
+  if (window.size() != 2 || step.size() != 2 || offset.size() != 2) {
+    Fail(kOp, "attributes 'window', 'step' and 'offset' must have 2 values each");
+  }
+  for (int k = 0; k < 2; ++k) {
+    if (window[k] < 1 || window[k] > kMaxWindow) Fail(kOp, "attribute 'window' must be in [1, 65536]");
+    if (step[k] < 1 || step[k] > kMaxStep) Fail(kOp, "attribute 'step' must be in [1, 65536]");
+    if (offset[k] < -kMaxOffset || offset[k] > kMaxOffset) Fail(kOp, "attribute 'offset' is out of range");
+    a.window[k] = window[k];
+    a.step[k] = step[k];
+    a.offset[k] = offset[k];
+  }
+  a.upsample = AttrInt(info, kOp, "upsample", 1);
+  if (a.upsample < 1 || a.upsample > kMaxUpsample) Fail(kOp, "attribute 'upsample' must be in [1, 1024]");
+  const std::string pad = AttrString(info, kOp, "pad_mode", "zeros");
+  if (!ParsePadMode(pad, &a.pad_mode)) Fail(kOp, "unknown pad_mode '" + pad + "' (zeros, edge or reflect)");
+  const std::string act = AttrString(info, kOp, "activation", "none");
+  if (!ParseActivation(act, &a.activation)) Fail(kOp, "unknown activation '" + act + "'");
+  a.alpha = AttrFloat(info, kOp, "alpha", 0.0f);
+  a.beta = AttrFloat(info, kOp, "beta", 0.0f);
+  return a;
+}
+
+OrtStatusPtr TileGatherKernel::ComputeV2(OrtKernelContext* context) const {
+  return GuardStatus([&] { Compute(context); });
+}
+
+void TileGatherKernel::Compute(OrtKernelContext* context) const {
+  const Ort::KernelContext ctx(context);
+  const Input base = ReadInput(ctx, 0), vals = ReadInput(ctx, 1), grid = ReadInput(ctx, 2);
+  const Input coords = ReadInput(ctx, 3), scale = ReadInput(ctx, 4), shift = ReadInput(ctx, 5);
+  CheckTensor(kOp, "base", base, 4, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  CheckTensor(kOp, "coords", coords, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64);
+  const int64_t batch = base.Dim(0), channels = base.Dim(1), height = base.Dim(2), width = base.Dim(3);
+  if (coords.Dim(1) != 3) Fail(kOp, "input 'coords' must have shape [N, 3], got " + ShapeString(coords.shape));
+  const int64_t n_tiles = coords.Dim(0);
+  if (vals.present != grid.present) Fail(kOp, "inputs 'vals' and 'grid' must be given together");
+
+  GatherJob job{};
+  job.attrs = &attrs_;
+  job.base = base.Data<float>();
+  job.batch = batch;
+  job.channels = channels;
+  job.height = height;
+  job.width = width;
+  job.coords = coords.Data<int64_t>();
+  job.tile = 1;
+  if (vals.present) {
+    CheckTensor(kOp, "vals", vals, 4, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    CheckTensor(kOp, "grid", grid, 3, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64);
+    const int64_t tile = vals.Dim(2);
+    if (vals.Dim(1) != channels || tile < 1 || vals.Dim(3) != tile) {
+      Fail(kOp, "input 'vals' must have shape [Ni, C, T, T] with C = " + std::to_string(channels) + ", got " +
+                    ShapeString(vals.shape));
+    }
+    const std::vector<int64_t> expected = {batch, CeilDiv(height, tile), CeilDiv(width, tile)};
+    if (grid.shape != expected) {
+      Fail(kOp, "input 'grid' must have shape " + ShapeString(expected) + " (B, ceil(H/T), ceil(W/T)), got " +
+                    ShapeString(grid.shape));
+    }
+    const int64_t* g = grid.Data<int64_t>();
+    const int64_t slots = vals.Dim(0);
+    for (int64_t k = 0, size = expected[0] * expected[1] * expected[2]; k < size; ++k) {
+      if (g[k] < -1 || g[k] >= slots) {
+        Fail(kOp, "input 'grid' holds slot " + std::to_string(g[k]) + " outside [-1, " + std::to_string(slots) +
+                      ") (vals has " + std::to_string(slots) + " tiles)");
+      }
+    }
+    job.vals = vals.Data<float>();
+    job.grid = g;
+    job.tile = tile;
+    job.grid_h = expected[1];
+    job.grid_w = expected[2];
+  }
+  CheckPerChannel("scale", scale, batch, channels);
+  CheckPerChannel("shift", shift, batch, channels);
+  job.scale = scale.present ? scale.Data<float>() : nullptr;
+  job.scale_batched = scale.present && scale.Rank() == 2;
+  job.shift = shift.present ? shift.Data<float>() : nullptr;
+  job.shift_batched = shift.present && shift.Rank() == 2;
+
+  const int64_t wh = attrs_.window[0], ww = attrs_.window[1];
+  auto output = ctx.GetOutput(0, {n_tiles, channels, wh, ww});
+  if (n_tiles == 0 || channels == 0) return;
+  if (height < 1 || width < 1) Fail(kOp, "input 'base' has an empty spatial size " + ShapeString(base.shape));
+
+  const int64_t hv = height * attrs_.upsample, wv = width * attrs_.upsample;
+  for (int64_t n = 0; n < n_tiles; ++n) {
+    const int64_t b = job.coords[3 * n], ty = job.coords[3 * n + 1], tx = job.coords[3 * n + 2];
+    auto where = [&] {
+      return "coords[" + std::to_string(n) + "] = (" + std::to_string(b) + ", " + std::to_string(ty) + ", " +
+             std::to_string(tx) + ")";
+    };
+    if (b < 0 || b >= batch) Fail(kOp, where() + ": batch index outside [0, " + std::to_string(batch) + ")");
+    if (ty < 0 || tx < 0 || ty > kMaxTileIndex || tx > kMaxTileIndex) {
+      Fail(kOp, where() + ": tile indices must be non-negative");
+    }
+    const int64_t y0 = ty * attrs_.step[0] + attrs_.offset[0];
+    const int64_t x0 = tx * attrs_.step[1] + attrs_.offset[1];
+    if (y0 >= hv || y0 + wh <= 0 || x0 >= wv || x0 + ww <= 0) {
+      Fail(kOp, where() + ": the window [" + std::to_string(y0) + ", " + std::to_string(y0 + wh) + ") x [" +
+                    std::to_string(x0) + ", " + std::to_string(x0 + ww) + ") lies outside the " +
+                    std::to_string(hv) + " x " + std::to_string(wv) + " (upsampled) map");
+    }
+  }
+
+  job.out = output.GetTensorMutableData<float>();
+  job.channel_block = std::max<int64_t>(1, std::min<int64_t>(channels, kItemFloats / (wh * ww)));
+  job.blocks_per_tile = CeilDiv(channels, job.channel_block);
+  const size_t total = static_cast<size_t>(n_tiles * job.blocks_per_tile);
+  const bool affine = job.scale != nullptr || job.shift != nullptr;
+  DispatchActivation(attrs_.activation, [&](auto act) {
+    constexpr Activation A = decltype(act)::value;
+    if (affine) {
+      ParallelFor(ctx, total, [&job](size_t item) { GatherItem<A, true>(job, item); });
+    } else {
+      ParallelFor(ctx, total, [&job](size_t item) { GatherItem<A, false>(job, item); });
+    }
+  });
+}
+
+TileGatherOp::TileGatherOp() { OrtCustomOp::InferOutputShapeFn = &InferShape; }
+
+OrtStatusPtr TileGatherOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+  return GuardStatus([&] { *kernel = new TileGatherKernel(ReadTileGatherAttrs(info)); });
+}
+
+ONNXTensorElementDataType TileGatherOp::GetInputType(size_t index) const {
+  return (index == 2 || index == 3) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+
+OrtCustomOpInputOutputCharacteristic TileGatherOp::GetInputCharacteristic(size_t index) const {
+  return (index == 0 || index == 3) ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+}
+
+}  // namespace sigec_ort

@@ -1,0 +1,26 @@
+"""MAC accounting from the manifest's node reports: dense cost and cost for a set of active tiles."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from sigec.runtime.mask_program import TileIndex
+
+
+def dense_macs(nodes: Sequence[Mapping[str, Any]]) -> int:
+    """MACs of one dense run of the model (static nodes, computed once per key, excluded)."""
+    return sum(int(n.get("dense_macs", 0)) for n in nodes if n["kind"] != "static")
+
+
+def node_macs(node: Mapping[str, Any], tiles: Mapping[str, TileIndex]) -> int:
+    """MACs one node executes in a sparse run with the given active tiles."""
+    if node["kind"] in ("sparse", "approx") and node.get("macs_per_tile") and node.get("resolution") in tiles:
+        return int(node["macs_per_tile"]) * tiles[node["resolution"]].count
+    if node["kind"] == "dense":
+        return int(node.get("dense_macs", 0))
+    return 0
+
+
+def executed_macs(nodes: Sequence[Mapping[str, Any]], tiles: Mapping[str, TileIndex]) -> int:
+    """MACs of a sparse run with the given active tiles."""
+    return sum(node_macs(n, tiles) for n in nodes)

@@ -1,0 +1,55 @@
+"""Model zoo: image generators built from their published configurations with random weights.
+
+Every factory takes ``small`` (test size) and ``batch`` and returns ``(module.eval(), inputs)``
+where ``inputs`` maps the forward's parameter names to example tensors. Nothing is downloaded;
+weights come from a fixed seed. ``ddpm_unet`` and ``sd_vae_decoder`` need diffusers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from sigec.errors import CompileError
+from sigec.zoo.ddpm import ddpm_unet
+from sigec.zoo.label_maps import edit_label_map, label_boundaries, random_label_map
+from sigec.zoo.pix2pix import resnet9
+from sigec.zoo.sd_vae import sd_vae_decoder
+from sigec.zoo.gaugan import spade
+from sigec.zoo.local_conv import tiny_local
+
+ModelFactory = Callable[..., tuple[nn.Module, dict[str, torch.Tensor]]]
+
+MODELS: dict[str, ModelFactory] = {
+    "tiny_local": tiny_local,
+    "ddpm_unet": ddpm_unet,
+    "sd_vae_decoder": sd_vae_decoder,
+    "spade": spade,
+    "resnet9": resnet9,
+}
+
+
+def build(name: str, **kw: object) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Build zoo model ``name`` with factory keyword arguments ``kw`` (``small``, ``batch``, ...)."""
+    try:
+        factory = MODELS[name]
+    except KeyError:
+        raise CompileError(f"unknown zoo model {name!r}; available: {', '.join(sorted(MODELS))}") from None
+    return factory(**kw)
+
+
+__all__ = [
+    "MODELS",
+    "ModelFactory",
+    "build",
+    "ddpm_unet",
+    "edit_label_map",
+    "label_boundaries",
+    "random_label_map",
+    "resnet9",
+    "sd_vae_decoder",
+    "spade",
+    "tiny_local",
+]

@@ -1,0 +1,63 @@
+"""Zero-argument factories for the command line (``sigec compile sigec.zoo.cli_factories:NAME``).
+
+Each returns ``(module, example_inputs)`` of the full-size model (``*_small`` for the test size).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sigec.zoo import build
+
+Built = tuple[nn.Module, dict[str, torch.Tensor]]
+
+
+def tiny_local() -> Built:
+    """The built-in demo model, full size (256 px, 64 channels)."""
+    return build("tiny_local")
+
+
+def tiny_local_small() -> Built:
+    """The built-in demo model, test size (32 px, 8 channels)."""
+    return build("tiny_local", small=True)
+
+
+def ddpm_unet() -> Built:
+    """DDPM LSUN-church UNet, 256 px."""
+    return build("ddpm_unet")
+
+
+def ddpm_unet_small() -> Built:
+    """DDPM UNet, test size (32 px)."""
+    return build("ddpm_unet", small=True)
+
+
+def sd_vae_decoder() -> Built:
+    """Stable Diffusion v1 VAE decoder, 64x64 latent -> 512 px."""
+    return build("sd_vae_decoder")
+
+
+def sd_vae_decoder_small() -> Built:
+    """SD VAE decoder, test size (8x8 latent -> 64 px)."""
+    return build("sd_vae_decoder", small=True)
+
+
+def spade() -> Built:
+    """GauGAN / SPADE generator, Cityscapes 256x512, 35 classes."""
+    return build("spade")
+
+
+def spade_small() -> Built:
+    """SPADE generator, test size (64x128)."""
+    return build("spade", small=True)
+
+
+def resnet9() -> Built:
+    """pix2pix / CycleGAN ResNet-9 generator, 256 px, InstanceNorm."""
+    return build("resnet9")
+
+
+def resnet9_small() -> Built:
+    """ResNet-9 generator, test size (64 px)."""
+    return build("resnet9", small=True)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One-command set-up for sigec on a fresh machine, then the demo or the tests.
+#   bash tools/dev.sh demo   # install everything, compile and run the built-in generator (out/demo/)
+#   bash tools/dev.sh test   # install everything, run the test suite
+#   bash tools/dev.sh install
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+
+install() {
+  # torch first, pinned: a range admitting newer releases would pull a multi-GB CUDA build.
+  if ! "$PYTHON" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
+    "$PYTHON" -m pip install --quiet "torch==2.13.0"
+  fi
+  local isolation="--no-build-isolation"
+  "$PYTHON" -c "import scikit_build_core, cmake, ninja" 2>/dev/null || \
+    "$PYTHON" -m pip install --quiet "scikit-build-core>=0.10" cmake ninja
+  # Builds plugins/ (ONNX Runtime custom ops); the build fetches ONNX Runtime's headers itself
+  # (tools/fetch_ort_headers.py) unless SIGEC_ORT_INCLUDE_DIR names them.
+  "$PYTHON" -m pip install --quiet $isolation -e ".[test,models]"
+}
+
+case "${1:-}" in
+  install) install ;;
+  demo) install; "$PYTHON" -m sigec.cli demo --out out/demo ;;
+  test) install; shift; "$PYTHON" -m pytest -q "$@" ;;
+  *) echo "usage: bash tools/dev.sh {demo|test|install} [pytest args]" >&2; exit 2 ;;
+esac
