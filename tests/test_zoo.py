@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -26,12 +28,13 @@ def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
-@pytest.fixture(scope="module", params=SMALL_MODELS)
-def small_model(request):
-    module, inputs = zoo.build(request.param, small=True)
+@functools.cache
+def small_model(name: str) -> tuple[nn.Module, dict[str, torch.Tensor], torch.Tensor]:
+    """The small model ``name``, its example inputs and its PyTorch output (built once per session)."""
+    module, inputs = zoo.build(name, small=True)
     with torch.no_grad():
         expected = module(**inputs)
-    return request.param, module, inputs, expected
+    return module, inputs, expected
 
 
 def test_registry_lists_the_five_models():
@@ -43,8 +46,9 @@ def test_build_unknown_name_is_a_compile_error():
         zoo.build("nope")
 
 
-def test_small_model_runs_in_eval_mode_with_sane_output(small_model):
-    name, module, inputs, output = small_model
+@pytest.mark.parametrize("name", SMALL_MODELS)
+def test_small_model_runs_in_eval_mode_with_sane_output(name):
+    module, inputs, output = small_model(name)
     assert not module.training
     assert isinstance(output, torch.Tensor), f"{name} must return a plain tensor"
     assert output.shape[0] == 1 and output.shape[1] == 3
@@ -57,9 +61,9 @@ def test_small_model_runs_in_eval_mode_with_sane_output(small_model):
     assert 0.05 < float(output.std()) < 5.0, f"{name}: output std {float(output.std())} out of a sane range"
 
 
-@pytest.mark.parametrize("small_model", EXPORTED_HERE, indirect=True)
-def test_small_model_exports_and_matches_onnxruntime(small_model):
-    name, module, inputs, expected = small_model
+@pytest.mark.parametrize("name", EXPORTED_HERE)
+def test_small_model_exports_and_matches_onnxruntime(name):
+    module, inputs, expected = small_model(name)
     proto = export_module(module, inputs, opset=18)
     assert [i.name for i in proto.graph.input] == list(inputs)
     assert [o.name for o in proto.graph.output] == ["output"]

@@ -24,7 +24,7 @@ from sigec.runtime import ort_ops
 
 
 def _timeit(fn: Callable[[], object], repeat: int) -> float:
-    """Median seconds of `repeat` calls after two warm-up calls."""
+    """Median wall-clock seconds of `repeat` calls after two warm-up calls."""
     fn()
     fn()
     times = []

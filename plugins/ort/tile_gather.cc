@@ -15,18 +15,20 @@ constexpr int64_t kMaxStep = int64_t{1} << 16;
 constexpr int64_t kMaxOffset = int64_t{1} << 30;
 constexpr int64_t kMaxUpsample = 1024;
 constexpr int64_t kMaxTileIndex = int64_t{1} << 30;
-// Target number of output floats per parallel work item.
-constexpr int64_t kItemFloats = 16384;
+// Target number of output floats per parallel work item (tile x channel block).
+constexpr int64_t kItemFloats = 8192;
 
 enum Source : uint8_t { kZero = 0, kBase = 1, kVals = 2 };
 
-// A run of consecutive window columns of one row that read from one source. Offsets (without the
-// channel term) are in Plan::offsets; `contiguous` runs read consecutive source elements.
+// A run of consecutive window columns of one row that read from one source. `contiguous` runs
+// read consecutive source elements starting at `offset`; the others read Plan::offsets. Offsets
+// leave out the channel term.
 struct Run {
   int32_t col;
   int32_t len;
   Source source;
   bool contiguous;
+  int64_t offset;  // source offset of the first element (channel 0)
 };
 
 // How each window position of one tile reads its value; shared by all channels of the tile.
@@ -74,7 +76,7 @@ void BuildPlan(const GatherJob& job, int64_t b, int64_t ty, int64_t tx, Plan* pl
     const int64_t vy = MapPadded(y0 + i, hv, a.pad_mode);
     int64_t* offsets = plan->offsets.data() + i * ww;
     if (vy < 0) {
-      plan->runs.push_back(Run{0, static_cast<int32_t>(ww), kZero, true});
+      plan->runs.push_back(Run{0, static_cast<int32_t>(ww), kZero, true, 0});
       continue;
     }
     const int64_t sy = vy / up;
@@ -101,103 +103,108 @@ void BuildPlan(const GatherJob& job, int64_t b, int64_t ty, int64_t tx, Plan* pl
         last->contiguous = last->contiguous && (source == kZero || offsets[j - 1] + 1 == offset);
         ++last->len;
       } else {
-        plan->runs.push_back(Run{static_cast<int32_t>(j), 1, source, true});
+        plan->runs.push_back(Run{static_cast<int32_t>(j), 1, source, true, offset});
       }
     }
   }
   plan->row_begin[wh] = static_cast<int32_t>(plan->runs.size());
 }
 
-// Fills one channel of one output window following `plan`.
+// The channel block of one work item: sources and outputs of channel c0, their per-channel
+// strides, and the prologue parameters of every channel in the block.
+struct Block {
+  int64_t channels;        // c1 - c0
+  const float* base;       // base + c0 * base_stride
+  int64_t base_stride;     // H * W
+  const float* vals;       // vals + c0 * vals_stride, or nullptr
+  int64_t vals_stride;     // T * T
+  float* out;              // output window of channel c0
+  int64_t out_stride;      // wh * ww
+  const float* scale;      // [channels]
+  const float* shift;      // [channels]
+  float alpha, beta;
+};
+
+// Fills the output windows of a channel block following `plan`. The channel loop is innermost:
+// one run is applied to every channel before the next, so that the scattered source lines of
+// many channels are requested together (reads of one channel alone would wait on memory one
+// line at a time) and the run bookkeeping is paid once per block.
 template <Activation A, bool kAffine>
-void FillChannel(const Plan& plan, int64_t wh, int64_t ww, const float* base_c, const float* vals_c, float* out_c,
-                 float scale, float shift, float alpha, float beta) {
+void FillBlock(const Plan& plan, int64_t wh, int64_t ww, const Block& blk) {
+  auto prologue = [&](float x, int64_t c) {
+    const float v = kAffine ? x * blk.scale[c] + blk.shift[c] : x;
+    return Activate<A>(v, blk.alpha, blk.beta);
+  };
   for (int64_t i = 0; i < wh; ++i) {
     const int64_t* row_offsets = plan.offsets.data() + i * ww;
-    float* out_row = out_c + i * ww;
     for (int32_t r = plan.row_begin[i]; r < plan.row_begin[i + 1]; ++r) {
       const Run& run = plan.runs[r];
-      float* dst = out_row + run.col;
-      const int32_t len = run.len;
+      const int64_t len = run.len;
+      float* dst = blk.out + i * ww + run.col;
       if (run.source == kZero) {
-        std::fill(dst, dst + len, 0.0f);
+        for (int64_t c = 0; c < blk.channels; ++c) std::fill(dst + c * blk.out_stride, dst + c * blk.out_stride + len, 0.0f);
         continue;
       }
-      const float* src = run.source == kBase ? base_c : vals_c;
-      const int64_t* offs = row_offsets + run.col;
-      if (run.contiguous) {
-        const float* s = src + offs[0];
-        if constexpr (A == Activation::kNone && !kAffine) {
-          std::memcpy(dst, s, sizeof(float) * static_cast<size_t>(len));
-        } else {
-          for (int32_t k = 0; k < len; ++k) {
-            const float v = kAffine ? s[k] * scale + shift : s[k];
-            dst[k] = Activate<A>(v, alpha, beta);
+      const bool from_base = run.source == kBase;
+      const float* src = from_base ? blk.base : blk.vals;
+      const int64_t stride = from_base ? blk.base_stride : blk.vals_stride;
+      if (run.contiguous && len == 1) {
+        const float* s = src + run.offset;
+        for (int64_t c = 0; c < blk.channels; ++c) dst[c * blk.out_stride] = prologue(s[c * stride], c);
+      } else if (run.contiguous) {
+        for (int64_t c = 0; c < blk.channels; ++c) {
+          const float* s = src + c * stride + run.offset;
+          float* d = dst + c * blk.out_stride;
+          if constexpr (A == Activation::kNone && !kAffine) {
+            std::memcpy(d, s, sizeof(float) * static_cast<size_t>(len));
+          } else {
+            for (int64_t k = 0; k < len; ++k) d[k] = prologue(s[k], c);
           }
         }
       } else {
-        for (int32_t k = 0; k < len; ++k) {
-          const float x = src[offs[k]];
-          const float v = kAffine ? x * scale + shift : x;
-          dst[k] = Activate<A>(v, alpha, beta);
+        const int64_t* offs = row_offsets + run.col;
+        for (int64_t c = 0; c < blk.channels; ++c) {
+          const float* s = src + c * stride;
+          float* d = dst + c * blk.out_stride;
+          for (int64_t k = 0; k < len; ++k) d[k] = prologue(s[offs[k]], c);
         }
       }
     }
   }
 }
-
-// Asks the cache for every source line one channel of `plan` will read. The reads of one channel
-// are short rows scattered over a large map, which hardware prefetchers do not predict; fetching a
-// few channels ahead keeps several memory requests in flight instead of one.
-void PrefetchChannel(const Plan& plan, int64_t ww, const float* base_c, const float* vals_c) {
-  const int64_t rows = static_cast<int64_t>(plan.row_begin.size()) - 1;
-  for (int64_t i = 0; i < rows; ++i) {
-    const int64_t* row_offsets = plan.offsets.data() + i * ww;
-    for (int32_t r = plan.row_begin[i]; r < plan.row_begin[i + 1]; ++r) {
-      const Run& run = plan.runs[r];
-      if (run.source == kZero) continue;
-      const float* src = run.source == kBase ? base_c : vals_c;
-      __builtin_prefetch(src + row_offsets[run.col]);
-      __builtin_prefetch(src + row_offsets[run.col + run.len - 1]);
-    }
-  }
-}
-
-// How many channels ahead PrefetchChannel runs.
-#ifndef SIGEC_PREFETCH
-#define SIGEC_PREFETCH 4
-#endif
-constexpr int64_t kPrefetchChannels = SIGEC_PREFETCH;
 
 // Computes work item `item` = (tile, channel block).
 template <Activation A, bool kAffine>
 void GatherItem(const GatherJob& job, size_t item) {
   thread_local Plan plan;
+  thread_local std::vector<float> params;
   const TileGatherAttrs& a = *job.attrs;
   const int64_t n = static_cast<int64_t>(item) / job.blocks_per_tile;
-  const int64_t block = static_cast<int64_t>(item) % job.blocks_per_tile;
-  const int64_t c0 = block * job.channel_block;
+  const int64_t c0 = static_cast<int64_t>(item) % job.blocks_per_tile * job.channel_block;
   const int64_t c1 = std::min(job.channels, c0 + job.channel_block);
   const int64_t b = job.coords[3 * n], ty = job.coords[3 * n + 1], tx = job.coords[3 * n + 2];
   BuildPlan(job, b, ty, tx, &plan);
   const int64_t wh = a.window[0], ww = a.window[1];
-  const int64_t plane = job.height * job.width;
-  const int64_t tile_area = job.tile * job.tile;
-  auto base_of = [&](int64_t c) { return job.base + c * plane; };
-  auto vals_of = [&](int64_t c) { return job.vals ? job.vals + c * tile_area : nullptr; };
-  for (int64_t c = c0; c < std::min(c1, c0 + kPrefetchChannels); ++c) {
-    PrefetchChannel(plan, ww, base_of(c), vals_of(c));
-  }
-  for (int64_t c = c0; c < c1; ++c) {
-    if (c + kPrefetchChannels < c1) {
-      PrefetchChannel(plan, ww, base_of(c + kPrefetchChannels), vals_of(c + kPrefetchChannels));
+  Block blk;
+  blk.channels = c1 - c0;
+  blk.base_stride = job.height * job.width;
+  blk.base = job.base + c0 * blk.base_stride;
+  blk.vals_stride = job.tile * job.tile;
+  blk.vals = job.vals ? job.vals + c0 * blk.vals_stride : nullptr;
+  blk.out_stride = wh * ww;
+  blk.out = job.out + (n * job.channels + c0) * blk.out_stride;
+  blk.alpha = a.alpha;
+  blk.beta = a.beta;
+  if (kAffine) {
+    params.resize(static_cast<size_t>(2 * blk.channels));
+    for (int64_t c = c0; c < c1; ++c) {
+      params[c - c0] = job.scale ? job.scale[job.scale_batched ? b * job.channels + c : c] : 1.0f;
+      params[blk.channels + c - c0] = job.shift ? job.shift[job.shift_batched ? b * job.channels + c : c] : 0.0f;
     }
-    float scale = 1.0f, shift = 0.0f;
-    if (job.scale) scale = job.scale[job.scale_batched ? b * job.channels + c : c];
-    if (job.shift) shift = job.shift[job.shift_batched ? b * job.channels + c : c];
-    float* out_c = job.out + (n * job.channels + c) * wh * ww;
-    FillChannel<A, kAffine>(plan, wh, ww, base_of(c), vals_of(c), out_c, scale, shift, a.alpha, a.beta);
+    blk.scale = params.data();
+    blk.shift = params.data() + blk.channels;
   }
+  FillBlock<A, kAffine>(plan, wh, ww, blk);
 }
 
 void CheckPerChannel(const char* name, const Input& input, int64_t batch, int64_t channels) {

@@ -1,7 +1,12 @@
 #include "tile_scatter.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "shape_infer.h"
 
@@ -11,12 +16,42 @@ namespace {
 constexpr const char* kOp = "TileScatter";
 // Target number of floats copied from `base` per parallel work item.
 constexpr int64_t kItemFloats = 65536;
+// Outputs at least this large are written with non-temporal stores: they cannot stay in the
+// caches anyway, and streaming saves reading every destination line before writing it.
+#ifndef SIGEC_STREAM_BYTES
+#define SIGEC_STREAM_BYTES (int64_t{8} << 20)
+#endif
+constexpr int64_t kStreamBytes = SIGEC_STREAM_BYTES;
+
+// memcpy with non-temporal stores (SSE2, part of the x86-64 baseline); plain memcpy elsewhere.
+void StreamCopy(float* dst, const float* src, size_t count) {
+#if defined(__SSE2__)
+  size_t i = 0;
+  while (i < count && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0) {
+    dst[i] = src[i];
+    ++i;
+  }
+  for (; i + 16 <= count; i += 16) {
+    const __m128 a = _mm_loadu_ps(src + i), b = _mm_loadu_ps(src + i + 4);
+    const __m128 c = _mm_loadu_ps(src + i + 8), d = _mm_loadu_ps(src + i + 12);
+    _mm_stream_ps(dst + i, a);
+    _mm_stream_ps(dst + i + 4, b);
+    _mm_stream_ps(dst + i + 8, c);
+    _mm_stream_ps(dst + i + 12, d);
+  }
+  for (; i < count; ++i) dst[i] = src[i];
+  _mm_sfence();  // order the streamed stores before the tile writes that follow
+#else
+  std::memcpy(dst, src, sizeof(float) * count);
+#endif
+}
 
 // Everything a worker needs; read-only during the parallel loop.
 struct ScatterJob {
   const float* base;
   float* out;
   bool copy_base;
+  bool stream;  // copy with non-temporal stores
   int64_t channels, height, width;
   const float* vals;
   int64_t tile, grid_h;
@@ -38,8 +73,14 @@ void ScatterItem(const ScatterJob& job, size_t item) {
   const int64_t r0 = tr0 * t, r1 = std::min(job.height, tr1 * t);
   float* out_plane = job.out + plane_index * job.height * w;
   if (job.copy_base) {
-    std::memcpy(out_plane + r0 * w, job.base + plane_index * job.height * w + r0 * w,
-                sizeof(float) * static_cast<size_t>((r1 - r0) * w));
+    float* dst = out_plane + r0 * w;
+    const float* src = job.base + plane_index * job.height * w + r0 * w;
+    const size_t count = static_cast<size_t>((r1 - r0) * w);
+    if (job.stream) {
+      StreamCopy(dst, src, count);
+    } else {
+      std::memcpy(dst, src, sizeof(float) * count);
+    }
   }
   for (int64_t tr = tr0; tr < tr1; ++tr) {
     const int64_t row = b * job.grid_h + tr;
@@ -96,6 +137,7 @@ void TileScatterKernel::Compute(OrtKernelContext* context) const {
   job.base = base.Data<float>();
   job.out = output.GetTensorMutableData<float>();
   job.copy_base = job.out != job.base;
+  job.stream = batch * channels * height * width * static_cast<int64_t>(sizeof(float)) >= kStreamBytes;
   job.channels = channels;
   job.height = height;
   job.width = width;

@@ -209,8 +209,7 @@ def _rename(graph: ir.Graph, value: ir.Value, name: str) -> None:
 
 
 def _name_inputs(graph: ir.Graph, python_names: list[str], wanted: Sequence[str]) -> None:
-    if len(wanted) != len(python_names):
-        raise CompileError(f"{len(wanted)} input names given for {len(python_names)} example inputs")
+    """Rename the graph inputs (one per example tensor, same order) to ``wanted``."""
     if len(graph.inputs) == len(python_names):
         pairs = list(zip(graph.inputs, wanted))
     else:  # the exporter dropped unused inputs: match the rest by their Python names
@@ -221,6 +220,7 @@ def _name_inputs(graph: ir.Graph, python_names: list[str], wanted: Sequence[str]
 
 
 def _name_outputs(graph: ir.Graph, wanted: Sequence[str]) -> None:
+    """Rename the graph outputs to ``wanted``, giving each output a value of its own if needed."""
     if len(wanted) != len(graph.outputs):
         raise CompileError(f"{len(wanted)} output names given, but the model has {len(graph.outputs)} outputs")
     for index, name in enumerate(wanted):
