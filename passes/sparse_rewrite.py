@@ -177,14 +177,20 @@ def _rewrite_nodes(ctx: RewriteContext, model: ir.Model, fallback: str) -> None:
         for v in node.inputs:
             if v is not None:
                 _materialize_static(ctx, static, v)
-        global_input = any(isinstance(ctx.form(v), Dense) and ctx.form(v).mask is None  # type: ignore[union-attr]
-                           for v in node.inputs if v is not None and ctx.is_edit_dependent(v))
-        if ctx.exact and global_input:
+        edit_forms = [ctx.form(v) for v in node.inputs if v is not None and ctx.is_edit_dependent(v)]
+        island_inputs = [isinstance(f, Dense) and f.mask is None for f in edit_forms]
+        if ctx.exact and any(island_inputs):
             _dense_rule(ctx, node, "dense", "downstream of a global op (exact mode)")
             continue
         rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if rule is not None and not any(ctx.is_spatial(o) for o in node.outputs):
             _dense_rule(ctx, node, "dense", "non-spatial values: part of a dense island")
+            continue
+        if rule is not None and all(island_inputs) and not any(
+                ctx.is_spatial(o) and tuple(ctx.shape(o)[2:]) in ctx.resolutions for o in node.outputs):
+            # Only island values in, and no feature map of a resolution the edit reaches out (e.g.
+            # [B, heads, tokens, dim] tensors inside attention): the island continues.
+            _dense_rule(ctx, node, "dense", "inside a dense island")
             continue
         if rule is not None:
             try:
@@ -232,8 +238,9 @@ def _add_update_outputs(ctx: RewriteContext, sparse: onnx.ModelProto) -> list[di
         if cache.kind != "activation" or cache.source not in vals_of:
             continue
         form = vals_of[cache.source]
-        name = ctx.builder.reserve(f"update::{cache.source}")
-        sparse.graph.node.append(onnx.helper.make_node("Identity", [form.vals], [name], name=f"node:{name}"))
+        name = form.vals  # the tiles themselves are the output: no copy
+        if name in {o.name for o in sparse.graph.output}:
+            continue
         sparse.graph.output.append(onnx.helper.make_tensor_value_info(
             name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(cache.dtype)),
             [f"n_{form.res.name}", cache.shape[1], form.res.tile, form.res.tile]))

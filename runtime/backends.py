@@ -55,7 +55,7 @@ class OrtRunner:
     """An ONNX Runtime session with sigec's custom operators registered."""
 
     def __init__(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray], *, threads: int | None,
-                 weight_values: dict[str, object]) -> None:
+                 weight_values: dict[str, object], profile_prefix: str | None = None) -> None:
         import onnxruntime as ort
 
         from sigec.runtime import ort_ops
@@ -67,6 +67,9 @@ class OrtRunner:
         if threads:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
+        if profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         if any(n.domain == "ai.sigec" for n in model.graph.node):
             ort_ops.register(options)
         for name in names:
@@ -107,11 +110,13 @@ class TorchRunner:
 
 
 def make_runners(backend: str, graphs: Mapping[str, onnx.ModelProto], weights: Mapping[str, np.ndarray], *,
-                 threads: int | None = None, device: str = "cpu") -> dict[str, GraphRunner]:
-    """One runner per graph name, sharing one copy of the weights."""
+                 threads: int | None = None, device: str = "cpu",
+                 profile: Mapping[str, str] | None = None) -> dict[str, GraphRunner]:
+    """One runner per graph name, sharing one copy of the weights (``profile``: graph -> ORT profile prefix)."""
     if backend == "ort":
         shared: dict[str, object] = {}
-        return {name: OrtRunner(g, weights, threads=threads, weight_values=shared) for name, g in graphs.items()}
+        return {name: OrtRunner(g, weights, threads=threads, weight_values=shared,
+                                profile_prefix=(profile or {}).get(name)) for name, g in graphs.items()}
     if backend == "torch":
         return {name: TorchRunner(g, weights, device=device, threads=threads) for name, g in graphs.items()}
     raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -133,6 +133,16 @@ def test_every_activation(activation):
         assert out.min() == 0.0
 
 
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "silu"])
+def test_exp_activations_on_extreme_values(activation):
+    # Values from -100 to 100 (saturation of the vectorised exponential) and a NaN.
+    base = np.linspace(-100, 100, 2 * 16 * 16, dtype=np.float32).reshape(1, 2, 16, 16)
+    base[0, 1, 5, 5] = np.nan
+    arrays = {"base": base, "coords": coords_of([(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)])}
+    out = check_gather(arrays, activation=activation, **conv_attrs(8))
+    assert np.isnan(out).sum() == 1
+
+
 @pytest.mark.parametrize("pad_mode", PAD_MODES)
 @pytest.mark.parametrize("upsample", [1, 2])
 def test_pad_modes_on_tiny_map(pad_mode, upsample):

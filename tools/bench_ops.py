@@ -24,7 +24,8 @@ from sigec.runtime import ort_ops
 
 
 def _timeit(fn: Callable[[], object], repeat: int) -> float:
-    """Median wall-clock seconds of `repeat` calls after two warm-up calls."""
+    """Wall-clock seconds of one call: the best of `repeat` calls after two warm-up calls (the
+    minimum is the estimate least disturbed by other processes on a shared machine)."""
     fn()
     fn()
     times = []
@@ -32,7 +33,7 @@ def _timeit(fn: Callable[[], object], repeat: int) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return float(np.min(times))
 
 
 def _session(node, inputs: dict[str, np.ndarray], threads: int) -> ort.InferenceSession:
