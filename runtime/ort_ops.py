@@ -91,7 +91,7 @@ def library_path() -> Path:
     raise BackendError(f"the sigec ONNX Runtime custom-op library was not found (searched {where}). {_BUILD_HINT}")
 
 
-def register(options: "onnxruntime.SessionOptions") -> None:
+def register(options: onnxruntime.SessionOptions) -> None:
     """Register the ``ai.sigec`` custom operators with an ONNX Runtime ``SessionOptions``."""
     path = library_path()
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +125,9 @@ def test_every_activation(activation):
     rng = np.random.default_rng(2)
     B, C, H, W, T = 2, 4, 20, 20, 6
     arrays = sparse_input(rng, B, C, H, W, T, frac=0.5)
-    arrays["coords"] = coords_of([(b, y, x) for b in range(B) for y in range(4) for x in range(4) if (y + x + b) % 3 == 0])
+    arrays["coords"] = coords_of(
+        [(b, y, x) for b in range(B) for y in range(4) for x in range(4) if (y + x + b) % 3 == 0]
+    )
     arrays["scale"] = (rng.standard_normal((B, C)) * 2).astype(np.float32)
     arrays["shift"] = rng.standard_normal((C,)).astype(np.float32)
     alpha, beta = ACT_PARAMS.get(activation, (0.0, 0.0))
@@ -146,12 +149,13 @@ def test_exp_activations_on_extreme_values(activation):
 @pytest.mark.parametrize("pad_mode", PAD_MODES)
 @pytest.mark.parametrize("upsample", [1, 2])
 def test_pad_modes_on_tiny_map(pad_mode, upsample):
-    # A 3 x 5 map with 4 x 4 tiles: windows stick out on both sides.
+    # A 3 x 5 map with 4 x 4 tiles: windows stick out on both sides; an odd 5 x 7 window.
     rng = np.random.default_rng(3)
     arrays = sparse_input(rng, 1, 2, 3, 5, 4, cells=[(0, 0, 1)])
     grid_h, grid_w = -(-3 * upsample // 4), -(-5 * upsample // 4)
     arrays["coords"] = coords_of([(0, y, x) for y in range(grid_h) for x in range(grid_w)])
-    check_gather(arrays, pad_mode=pad_mode, upsample=upsample, activation="tanh", **conv_attrs(4))
+    attrs = {"window": [5, 7], "step": [4, 4], "offset": [-1, -2]}
+    check_gather(arrays, pad_mode=pad_mode, upsample=upsample, activation="tanh", **attrs)
 
 
 @pytest.mark.parametrize("pad_mode", PAD_MODES)
@@ -161,7 +165,9 @@ def test_upsample_2(pad_mode):
     B, C, H, W, T = 2, 3, 10, 9, 4
     arrays = sparse_input(rng, B, C, H, W, T, frac=0.4)
     gh, gw = -(-2 * H // 8), -(-2 * W // 8)
-    arrays["coords"] = coords_of([(b, y, x) for b in range(B) for y in range(gh) for x in range(gw) if (x * y + b) % 2 == 0])
+    arrays["coords"] = coords_of(
+        [(b, y, x) for b in range(B) for y in range(gh) for x in range(gw) if (x * y + b) % 2 == 0]
+    )
     check_gather(arrays, upsample=2, pad_mode=pad_mode, **conv_attrs(8))
 
 
@@ -172,7 +178,9 @@ def test_strided_conv_geometry():
     arrays = sparse_input(rng, B, C, H, W, T, frac=0.3)
     out_h, out_w = (H + 1) // 2, (W + 1) // 2
     gh, gw = -(-out_h // T), -(-out_w // T)
-    arrays["coords"] = coords_of([(b, y, x) for b in range(B) for y in range(gh) for x in range(gw) if (y + 2 * x + b) % 3])
+    arrays["coords"] = coords_of(
+        [(b, y, x) for b in range(B) for y in range(gh) for x in range(gw) if (y + 2 * x + b) % 3]
+    )
     window = (T - 1) * 2 + 3
     check_gather(arrays, window=[window, window], step=[2 * T, 2 * T], offset=[-1, -1], activation="relu")
 
@@ -224,8 +232,27 @@ def test_large_random_two_threads():
     check_gather(plain, threads=2, **conv_attrs(T))
 
 
+def test_concurrent_runs_of_one_session():
+    # Kernels are shared by all Run calls of a session: Compute must be thread-safe.
+    attrs = dict(activation="relu", **conv_attrs(4))
+    node = helper.make_node("TileGather", list(GATHER_INPUTS[:4]), ["out"], domain=ort_ops.DOMAIN, **attrs)
+    sess = _session([node], GATHER_INPUTS[:4], ["out"], threads=2)
+    rng = np.random.default_rng(13)
+    cases = []
+    for _ in range(6):
+        arrays = sparse_input(rng, 2, 8, 24, 20, 4, frac=0.4)
+        arrays["coords"] = coords_of([tuple(c) for c in np.argwhere(rng.random((2, 6, 5)) < 0.5)])
+        cases.append(arrays)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        outs = list(pool.map(lambda a: sess.run(None, {n: a[n] for n in GATHER_INPUTS[:4]})[0], cases))
+    for arrays, out in zip(cases, outs):
+        np.testing.assert_allclose(out, ref_gather(arrays, **attrs), rtol=1e-6, atol=1e-6)
+
+
 def test_gather_output_shape_is_inferred():
-    node = helper.make_node("TileGather", ["base", "", "", "coords"], ["out"], domain=ort_ops.DOMAIN, window=[6, 7], step=[4, 4])
+    node = helper.make_node(
+        "TileGather", ["base", "", "", "coords"], ["out"], domain=ort_ops.DOMAIN, window=[6, 7], step=[4, 4]
+    )
     graph = helper.make_graph(
         [node],
         "g",
@@ -235,7 +262,9 @@ def test_gather_output_shape_is_inferred():
         ],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(ort_ops.DOMAIN, 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(ort_ops.DOMAIN, 1)]
+    )
     options = ort.SessionOptions()
     ort_ops.register(options)
     sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -309,6 +338,8 @@ def test_bad_gather_inputs_raise_errors():
         run_gather(bad_scale, **conv_attrs(8))
     with pytest.raises(Exception, match="TileGather: unknown activation"):
         run_gather(arrays, activation="gelu", **conv_attrs(8))
+    with pytest.raises(Exception, match="window"):
+        run_gather(arrays, step=[8, 8])
 
 
 def test_bad_scatter_coords_raise_error():
@@ -323,22 +354,39 @@ def test_bad_scatter_coords_raise_error():
 # ---------------------------------------------------------------------------------------------- loading
 
 
+_SUBPROCESS_SCRIPT = """
+import numpy as np, onnxruntime as ort
+from onnx import TensorProto, helper
+from sigec.runtime import ort_ops
+
+node = helper.make_node(
+    "TileGather", ["base", "", "", "coords"], ["out"], domain="ai.sigec", window=[2, 2], step=[2, 2]
+)
+inputs = [
+    helper.make_tensor_value_info("base", TensorProto.FLOAT, None),
+    helper.make_tensor_value_info("coords", TensorProto.INT64, None),
+]
+graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("ai.sigec", 1)])
+options = ort.SessionOptions()
+ort_ops.register(options)
+sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+base = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+print(sess.run(None, {"base": base, "coords": np.array([[0, 1, 1]])})[0].ravel().tolist())
+"""
+
+
 def test_library_loads_in_fresh_subprocess():
     env = {k: v for k, v in os.environ.items() if k != ort_ops.ENV_LIBRARY}
-    code = (
-        "import numpy as np, onnxruntime as ort\n"
-        "from onnx import helper, TensorProto\n"
-        "from sigec.runtime import ort_ops\n"
-        "node = helper.make_node('TileGather', ['base', '', '', 'coords'], ['out'], domain='ai.sigec', window=[2, 2], step=[2, 2])\n"
-        "g = helper.make_graph([node], 'g', [helper.make_tensor_value_info('base', TensorProto.FLOAT, None),"
-        " helper.make_tensor_value_info('coords', TensorProto.INT64, None)], [helper.make_tensor_value_info('out', TensorProto.FLOAT, None)])\n"
-        "m = helper.make_model(g, opset_imports=[helper.make_opsetid('', 18), helper.make_opsetid('ai.sigec', 1)])\n"
-        "so = ort.SessionOptions(); ort_ops.register(so)\n"
-        "s = ort.InferenceSession(m.SerializeToString(), so, providers=['CPUExecutionProvider'])\n"
-        "base = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)\n"
-        "print(s.run(None, {'base': base, 'coords': np.array([[0, 1, 1]])})[0].ravel().tolist())\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", _SUBPROCESS_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+        check=False,
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, cwd="/")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[10.0, 11.0, 14.0, 15.0]"
 

@@ -4,7 +4,8 @@
 Default case: C = 128, a 256 x 256 map, 8 x 8 tiles, 5% of the tiles active; TileGather reads the
 10 x 10 window of a 3x3 convolution for every active tile (from vals where the neighbouring tile is
 active, from base elsewhere); TileScatter writes the tiles into a copy of the map. Throughput is the
-size of the op's output divided by its time, next to a plain numpy copy of the same number of bytes.
+size of the op's output divided by its time, next to a plain numpy copy of the same number of bytes
+(and, for TileGather, numpy slicing of the same windows).
 The ops run through IOBinding with a preallocated output, on `--threads` intra-op threads.
 
 Usage: python tools/bench_ops.py [--threads 2] [--channels 128] [--size 256] [--tile 8] [--frac 0.05]
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -52,7 +53,9 @@ def _session(node, inputs: dict[str, np.ndarray], threads: int) -> ort.Inference
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _bound_run(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], out_shape) -> tuple[Callable[[], None], np.ndarray]:
+def _bound_run(
+    sess: ort.InferenceSession, inputs: dict[str, np.ndarray], out_shape
+) -> tuple[Callable[[], None], np.ndarray]:
     """A zero-copy IOBinding run with a preallocated output; returns (run, output array)."""
     out = np.empty(out_shape, np.float32)
     binding = sess.io_binding()
@@ -94,21 +97,41 @@ def main(argv: list[str] | None = None) -> int:
 
     gather_inputs = {"base": base, "vals": vals, "grid": grid, "coords": coords}
     node = helper.make_node(
-        "TileGather", list(gather_inputs), ["out"], domain="ai.sigec",
-        window=[window, window], step=[t, t], offset=[-1, -1],
+        "TileGather",
+        list(gather_inputs),
+        ["out"],
+        domain="ai.sigec",
+        window=[window, window],
+        step=[t, t],
+        offset=[-1, -1],
     )
     sess = _session(node, gather_inputs, args.threads)
     run, _ = _bound_run(sess, gather_inputs, (n, c, window, window))
     nbytes = n * c * window * window * 4
     secs = _timeit(run, args.repeat)
-    print(f"TileGather  {window}x{window} windows: {nbytes / 1e6:7.2f} MB out in {secs * 1e3:7.3f} ms = "
-          f"{nbytes / secs / 1e9:6.2f} GB/s | numpy copy of the same bytes: {_numpy_copy_gbps(nbytes, args.repeat):6.2f} GB/s")
+    copy = _numpy_copy_gbps(nbytes, args.repeat)
+    print(
+        f"TileGather  {window}x{window} windows: {nbytes / 1e6:7.2f} MB out in {secs * 1e3:7.3f} ms = "
+        f"{nbytes / secs / 1e9:6.2f} GB/s | numpy copy of the same bytes: {copy:6.2f} GB/s"
+    )
 
-    affine_inputs = dict(gather_inputs, scale=rng.standard_normal(c).astype(np.float32),
-                         shift=rng.standard_normal(c).astype(np.float32))
+    padded = np.pad(base, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    origins = [(int(y) * t, int(x) * t) for _, y, x in coords]
+    np_secs = _timeit(lambda: np.stack([padded[0, :, y : y + window, x : x + window] for y, x in origins]), args.repeat)
+    print(f"            numpy slicing of the same windows from base (1 thread): {nbytes / np_secs / 1e9:6.2f} GB/s")
+
+    affine_inputs = dict(
+        gather_inputs, scale=rng.standard_normal(c).astype(np.float32), shift=rng.standard_normal(c).astype(np.float32)
+    )
     node = helper.make_node(
-        "TileGather", list(affine_inputs), ["out"], domain="ai.sigec",
-        window=[window, window], step=[t, t], offset=[-1, -1], activation="silu",
+        "TileGather",
+        list(affine_inputs),
+        ["out"],
+        domain="ai.sigec",
+        window=[window, window],
+        step=[t, t],
+        offset=[-1, -1],
+        activation="silu",
     )
     sess = _session(node, affine_inputs, args.threads)
     run, _ = _bound_run(sess, affine_inputs, (n, c, window, window))
@@ -121,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     run, _ = _bound_run(sess, scatter_inputs, base.shape)
     nbytes = base.nbytes
     secs = _timeit(run, args.repeat)
-    print(f"TileScatter full map:     {nbytes / 1e6:7.2f} MB out in {secs * 1e3:7.3f} ms = "
-          f"{nbytes / secs / 1e9:6.2f} GB/s | numpy copy of the same bytes: {_numpy_copy_gbps(nbytes, args.repeat):6.2f} GB/s")
+    copy = _numpy_copy_gbps(nbytes, args.repeat)
+    print(
+        f"TileScatter full map:     {nbytes / 1e6:7.2f} MB out in {secs * 1e3:7.3f} ms = "
+        f"{nbytes / secs / 1e9:6.2f} GB/s | numpy copy of the same bytes: {copy:6.2f} GB/s"
+    )
     return 0
 
 

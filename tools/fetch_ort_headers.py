@@ -78,7 +78,7 @@ def _apt_options(work: Path) -> list[str]:
 def _run(cmd: list[str], cwd: Path) -> None:
     shown = [cmd[0]] + [arg for arg in cmd[1:] if not arg.startswith("-") and "=" not in arg]
     print("fetch_ort_headers: " + " ".join(shown), file=sys.stderr)
-    proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
     if proc.returncode != 0:
         raise FetchError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout.strip()}")
 

@@ -48,20 +48,17 @@ bool Ok(OrtStatus* status) {
 
 }  // namespace
 
-int64_t AttrInt(const OrtKernelInfo* info, const char* op, const char* name, int64_t fallback) {
-  (void)op;
+int64_t AttrInt(const OrtKernelInfo* info, const char* name, int64_t fallback) {
   int64_t value = 0;
   return Ok(Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value)) ? value : fallback;
 }
 
-float AttrFloat(const OrtKernelInfo* info, const char* op, const char* name, float fallback) {
-  (void)op;
+float AttrFloat(const OrtKernelInfo* info, const char* name, float fallback) {
   float value = 0.0f;
   return Ok(Ort::GetApi().KernelInfoGetAttribute_float(info, name, &value)) ? value : fallback;
 }
 
-std::string AttrString(const OrtKernelInfo* info, const char* op, const char* name, const std::string& fallback) {
-  (void)op;
+std::string AttrString(const OrtKernelInfo* info, const char* name, const std::string& fallback) {
   size_t size = 0;
   if (!Ok(Ort::GetApi().KernelInfoGetAttribute_string(info, name, nullptr, &size))) return fallback;
   std::string value(size, '\0');

@@ -64,9 +64,9 @@ void CheckTensor(const char* op, const char* name, const Input& input, size_t ra
                  ONNXTensorElementDataType type);
 
 // Attribute readers. A missing attribute yields `fallback`, or an error when `required`.
-int64_t AttrInt(const OrtKernelInfo* info, const char* op, const char* name, int64_t fallback);
-float AttrFloat(const OrtKernelInfo* info, const char* op, const char* name, float fallback);
-std::string AttrString(const OrtKernelInfo* info, const char* op, const char* name, const std::string& fallback);
+int64_t AttrInt(const OrtKernelInfo* info, const char* name, int64_t fallback);
+float AttrFloat(const OrtKernelInfo* info, const char* name, float fallback);
+std::string AttrString(const OrtKernelInfo* info, const char* name, const std::string& fallback);
 std::vector<int64_t> AttrInts(const OrtKernelInfo* info, const char* op, const char* name,
                               const std::vector<int64_t>& fallback, bool required);
 

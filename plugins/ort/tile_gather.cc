@@ -2,8 +2,9 @@
 
 #include <algorithm>
 #include <cstring>
-#include <limits>
+#include <vector>
 
+#include "prologue_apply.h"
 #include "shape_infer.h"
 
 namespace sigec_ort {
@@ -37,6 +38,7 @@ struct Plan {
   std::vector<Run> runs;
   std::vector<int32_t> row_begin;  // [wh + 1] index into runs
   std::vector<int64_t> src_col;    // [ww] scratch: source column or -1
+  bool has_zeros = false;          // some run reads zero padding
 };
 
 // Everything a worker needs; read-only during the parallel loop.
@@ -56,6 +58,8 @@ struct GatherJob {
   int64_t channel_block, blocks_per_tile;
 };
 
+// Resolves, for output tile (b, ty, tx), where every window position reads from (pad mode,
+// upsampling, vals or base) and groups each window row into runs of one source.
 void BuildPlan(const GatherJob& job, int64_t b, int64_t ty, int64_t tx, Plan* plan) {
   const TileGatherAttrs& a = *job.attrs;
   const int64_t wh = a.window[0], ww = a.window[1], up = a.upsample;
@@ -108,33 +112,40 @@ void BuildPlan(const GatherJob& job, int64_t b, int64_t ty, int64_t tx, Plan* pl
     }
   }
   plan->row_begin[wh] = static_cast<int32_t>(plan->runs.size());
+  plan->has_zeros = false;
+  for (const Run& run : plan->runs) plan->has_zeros = plan->has_zeros || run.source == kZero;
 }
 
-// The channel block of one work item: sources and outputs of channel c0, their per-channel
-// strides, and the prologue parameters of every channel in the block.
+// The channel block of one work item: sources and outputs of channel c0 and their per-channel
+// strides.
 struct Block {
-  int64_t channels;        // c1 - c0
-  const float* base;       // base + c0 * base_stride
-  int64_t base_stride;     // H * W
-  const float* vals;       // vals + c0 * vals_stride, or nullptr
-  int64_t vals_stride;     // T * T
-  float* out;              // output window of channel c0
-  int64_t out_stride;      // wh * ww
-  const float* scale;      // [channels]
-  const float* shift;      // [channels]
-  float alpha, beta;
+  int64_t channels;     // c1 - c0
+  const float* base;    // base + c0 * base_stride
+  int64_t base_stride;  // H * W
+  const float* vals;    // vals + c0 * vals_stride, or nullptr
+  int64_t vals_stride;  // T * T
+  float* out;           // output window of channel c0
+  int64_t out_stride;   // wh * ww
 };
 
-// Fills the output windows of a channel block following `plan`. The channel loop is innermost:
-// one run is applied to every channel before the next, so that the scattered source lines of
-// many channels are requested together (reads of one channel alone would wait on memory one
-// line at a time) and the run bookkeeping is paid once per block.
-template <Activation A, bool kAffine>
+// Copies `len` floats; short rows (the common case: a tile row plus its halo) are copied inline
+// with overlapping 16-byte moves instead of a call to memcpy.
+inline void CopyRow(float* dst, const float* src, int64_t len) {
+#if defined(__SSE2__)
+  if (len >= 4 && len <= 16) {
+    for (int64_t k = 0; k + 4 < len; k += 4) _mm_storeu_ps(dst + k, _mm_loadu_ps(src + k));
+    _mm_storeu_ps(dst + len - 4, _mm_loadu_ps(src + len - 4));
+    return;
+  }
+#endif
+  std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(len));
+}
+
+// Copies the raw window values of a channel block following `plan` (zeros where padded). The
+// channel loop is innermost: one run is applied to every channel before the next, so that the
+// scattered source lines of many channels are requested together (reads of one channel alone
+// wait on memory one line at a time) and the run bookkeeping is paid once per block.
 void FillBlock(const Plan& plan, int64_t wh, int64_t ww, const Block& blk) {
-  auto prologue = [&](float x, int64_t c) {
-    const float v = kAffine ? x * blk.scale[c] + blk.shift[c] : x;
-    return Activate<A>(v, blk.alpha, blk.beta);
-  };
   for (int64_t i = 0; i < wh; ++i) {
     const int64_t* row_offsets = plan.offsets.data() + i * ww;
     for (int32_t r = plan.row_begin[i]; r < plan.row_begin[i + 1]; ++r) {
@@ -142,7 +153,7 @@ void FillBlock(const Plan& plan, int64_t wh, int64_t ww, const Block& blk) {
       const int64_t len = run.len;
       float* dst = blk.out + i * ww + run.col;
       if (run.source == kZero) {
-        for (int64_t c = 0; c < blk.channels; ++c) std::fill(dst + c * blk.out_stride, dst + c * blk.out_stride + len, 0.0f);
+        for (int64_t c = 0; c < blk.channels; ++c) std::fill_n(dst + c * blk.out_stride, len, 0.0f);
         continue;
       }
       const bool from_base = run.source == kBase;
@@ -150,34 +161,38 @@ void FillBlock(const Plan& plan, int64_t wh, int64_t ww, const Block& blk) {
       const int64_t stride = from_base ? blk.base_stride : blk.vals_stride;
       if (run.contiguous && len == 1) {
         const float* s = src + run.offset;
-        for (int64_t c = 0; c < blk.channels; ++c) dst[c * blk.out_stride] = prologue(s[c * stride], c);
+        for (int64_t c = 0; c < blk.channels; ++c) dst[c * blk.out_stride] = s[c * stride];
       } else if (run.contiguous) {
-        for (int64_t c = 0; c < blk.channels; ++c) {
-          const float* s = src + c * stride + run.offset;
-          float* d = dst + c * blk.out_stride;
-          if constexpr (A == Activation::kNone && !kAffine) {
-            std::memcpy(d, s, sizeof(float) * static_cast<size_t>(len));
-          } else {
-            for (int64_t k = 0; k < len; ++k) d[k] = prologue(s[k], c);
-          }
-        }
+        const float* s = src + run.offset;
+        for (int64_t c = 0; c < blk.channels; ++c) CopyRow(dst + c * blk.out_stride, s + c * stride, len);
       } else {
         const int64_t* offs = row_offsets + run.col;
         for (int64_t c = 0; c < blk.channels; ++c) {
           const float* s = src + c * stride;
           float* d = dst + c * blk.out_stride;
-          for (int64_t k = 0; k < len; ++k) d[k] = prologue(s[offs[k]], c);
+          for (int64_t k = 0; k < len; ++k) d[k] = s[offs[k]];
         }
       }
     }
   }
 }
 
-// Computes work item `item` = (tile, channel block).
+// Writes zeros again into the padded positions (the prologue is not applied to padding).
+void ZeroPadding(const Plan& plan, int64_t wh, int64_t ww, const Block& blk) {
+  for (int64_t i = 0; i < wh; ++i) {
+    for (int32_t r = plan.row_begin[i]; r < plan.row_begin[i + 1]; ++r) {
+      const Run& run = plan.runs[r];
+      if (run.source != kZero) continue;
+      float* dst = blk.out + i * ww + run.col;
+      for (int64_t c = 0; c < blk.channels; ++c) std::fill_n(dst + c * blk.out_stride, run.len, 0.0f);
+    }
+  }
+}
+
+// Computes work item `item` = (tile, channel block): raw copy, then the prologue in place.
 template <Activation A, bool kAffine>
 void GatherItem(const GatherJob& job, size_t item) {
   thread_local Plan plan;
-  thread_local std::vector<float> params;
   const TileGatherAttrs& a = *job.attrs;
   const int64_t n = static_cast<int64_t>(item) / job.blocks_per_tile;
   const int64_t c0 = static_cast<int64_t>(item) % job.blocks_per_tile * job.channel_block;
@@ -185,7 +200,7 @@ void GatherItem(const GatherJob& job, size_t item) {
   const int64_t b = job.coords[3 * n], ty = job.coords[3 * n + 1], tx = job.coords[3 * n + 2];
   BuildPlan(job, b, ty, tx, &plan);
   const int64_t wh = a.window[0], ww = a.window[1];
-  Block blk;
+  Block blk{};
   blk.channels = c1 - c0;
   blk.base_stride = job.height * job.width;
   blk.base = job.base + c0 * blk.base_stride;
@@ -193,18 +208,15 @@ void GatherItem(const GatherJob& job, size_t item) {
   blk.vals = job.vals ? job.vals + c0 * blk.vals_stride : nullptr;
   blk.out_stride = wh * ww;
   blk.out = job.out + (n * job.channels + c0) * blk.out_stride;
-  blk.alpha = a.alpha;
-  blk.beta = a.beta;
-  if (kAffine) {
-    params.resize(static_cast<size_t>(2 * blk.channels));
+  FillBlock(plan, wh, ww, blk);
+  if constexpr (A != Activation::kNone || kAffine) {
     for (int64_t c = c0; c < c1; ++c) {
-      params[c - c0] = job.scale ? job.scale[job.scale_batched ? b * job.channels + c : c] : 1.0f;
-      params[blk.channels + c - c0] = job.shift ? job.shift[job.shift_batched ? b * job.channels + c : c] : 0.0f;
+      const float scale = job.scale ? job.scale[job.scale_batched ? b * job.channels + c : c] : 1.0f;
+      const float shift = job.shift ? job.shift[job.shift_batched ? b * job.channels + c : c] : 0.0f;
+      ApplyPrologue<A, kAffine>(blk.out + (c - c0) * blk.out_stride, blk.out_stride, scale, shift, a.alpha, a.beta);
     }
-    blk.scale = params.data();
-    blk.shift = params.data() + blk.channels;
+    if (plan.has_zeros) ZeroPadding(plan, wh, ww, blk);
   }
-  FillBlock<A, kAffine>(plan, wh, ww, blk);
 }
 
 void CheckPerChannel(const char* name, const Input& input, int64_t batch, int64_t channels) {
@@ -251,14 +263,14 @@ TileGatherAttrs ReadTileGatherAttrs(const OrtKernelInfo* info) {
     a.step[k] = step[k];
     a.offset[k] = offset[k];
   }
-  a.upsample = AttrInt(info, kOp, "upsample", 1);
+  a.upsample = AttrInt(info, "upsample", 1);
   if (a.upsample < 1 || a.upsample > kMaxUpsample) Fail(kOp, "attribute 'upsample' must be in [1, 1024]");
-  const std::string pad = AttrString(info, kOp, "pad_mode", "zeros");
+  const std::string pad = AttrString(info, "pad_mode", "zeros");
   if (!ParsePadMode(pad, &a.pad_mode)) Fail(kOp, "unknown pad_mode '" + pad + "' (zeros, edge or reflect)");
-  const std::string act = AttrString(info, kOp, "activation", "none");
+  const std::string act = AttrString(info, "activation", "none");
   if (!ParseActivation(act, &a.activation)) Fail(kOp, "unknown activation '" + act + "'");
-  a.alpha = AttrFloat(info, kOp, "alpha", 0.0f);
-  a.beta = AttrFloat(info, kOp, "beta", 0.0f);
+  a.alpha = AttrFloat(info, "alpha", 0.0f);
+  a.beta = AttrFloat(info, "beta", 0.0f);
   return a;
 }
 

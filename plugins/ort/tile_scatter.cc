@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -18,10 +19,7 @@ constexpr const char* kOp = "TileScatter";
 constexpr int64_t kItemFloats = 65536;
 // Outputs at least this large are written with non-temporal stores: they cannot stay in the
 // caches anyway, and streaming saves reading every destination line before writing it.
-#ifndef SIGEC_STREAM_BYTES
-#define SIGEC_STREAM_BYTES (int64_t{8} << 20)
-#endif
-constexpr int64_t kStreamBytes = SIGEC_STREAM_BYTES;
+constexpr int64_t kStreamBytes = int64_t{8} << 20;
 
 // memcpy with non-temporal stores (SSE2, part of the x86-64 baseline); plain memcpy elsewhere.
 void StreamCopy(float* dst, const float* src, size_t count) {
@@ -126,7 +124,7 @@ void TileScatterKernel::Compute(OrtKernelContext* context) const {
   const int64_t batch = base.Dim(0), channels = base.Dim(1), height = base.Dim(2), width = base.Dim(3);
   const int64_t n_tiles = coords.Dim(0), tile = vals.Dim(2);
   if (coords.Dim(1) != 3) Fail(kOp, "input 'coords' must have shape [N, 3], got " + ShapeString(coords.shape));
-  if (vals.Dim(0) != n_tiles || vals.Dim(1) != channels || tile < 1 || vals.Dim(3) != tile) {
+  if (vals.Dim(0) != n_tiles || vals.Dim(1) != channels || vals.Dim(3) != tile || (tile < 1 && n_tiles > 0)) {
     Fail(kOp, "input 'vals' must have shape [N, C, T, T] with N = " + std::to_string(n_tiles) +
                   " (coords) and C = " + std::to_string(channels) + " (base), got " + ShapeString(vals.shape));
   }
@@ -142,10 +140,10 @@ void TileScatterKernel::Compute(OrtKernelContext* context) const {
   job.height = height;
   job.width = width;
   job.vals = vals.Data<float>();
-  job.tile = tile;
-  job.grid_h = CeilDiv(height, tile);
+  job.tile = std::max<int64_t>(tile, 1);  // an empty vals may have T = 0
+  job.grid_h = CeilDiv(height, job.tile);
   job.coords = coords.Data<int64_t>();
-  const int64_t grid_w = CeilDiv(width, tile);
+  const int64_t grid_w = CeilDiv(width, job.tile);
 
   // Bucket the tiles by tile row (b, ty), validating the coordinates on the way.
   job.row_start.assign(static_cast<size_t>(batch * job.grid_h + 1), 0);
@@ -166,7 +164,7 @@ void TileScatterKernel::Compute(OrtKernelContext* context) const {
     job.row_tiles[fill[job.coords[3 * n] * job.grid_h + job.coords[3 * n + 1]]++] = n;
   }
 
-  job.band_rows = std::max<int64_t>(1, std::min<int64_t>(job.grid_h, kItemFloats / (tile * width)));
+  job.band_rows = std::max<int64_t>(1, std::min<int64_t>(job.grid_h, kItemFloats / (job.tile * width)));
   job.bands = CeilDiv(job.grid_h, job.band_rows);
   const size_t total = static_cast<size_t>(batch * channels * job.bands);
   ParallelFor(ctx, total, [&job](size_t item) { ScatterItem(job, item); });
