@@ -106,6 +106,69 @@ def _match_reshape_instance_norm(reshape: ir.Node) -> NormMatch | None:
     return match
 
 
+def _reduce_axes_last(node: ir.Node) -> bool:
+    """True for a ReduceMean over the last axis of a rank-3 tensor, keeping dims."""
+    if node.op_type != "ReduceMean" or not int(attr(node, "keepdims", 1)):
+        return False
+    axes = attr(node, "axes")
+    if axes is None and len(node.inputs) > 1:
+        arr = const_array(node.inputs[1])
+        axes = None if arr is None else arr.reshape(-1).tolist()
+    return axes is not None and [int(a) for a in axes] in ([2], [-1])
+
+
+def _match_reduce_mean_chain(reshape: ir.Node) -> NormMatch | None:
+    """Reshape[B,G,-1] -> ReduceMean, Sub, Pow 2 (or Mul), ReduceMean, Add eps, Sqrt, Div -> Reshape."""
+    x = reshape.inputs[0]
+    xs = static_shape(x) if x is not None else None
+    xr = reshape.outputs[0]
+    xrs = static_shape(xr)
+    if xs is None or len(xs) != 4 or xrs is None or len(xrs) != 3 or xrs[0] != xs[0] or xs[1] % xrs[1]:
+        return None
+    users = {u.node.op_type: u.node for u in xr.uses()}
+    mean_node, sub = users.get("ReduceMean"), users.get("Sub")
+    if len(xr.uses()) != 2 or mean_node is None or sub is None or not _reduce_axes_last(mean_node):
+        return None
+    if sub.inputs[0] is not xr or sub.inputs[1] is not mean_node.outputs[0]:
+        return None
+    d = sub.outputs[0]
+    d_users = [u.node for u in d.uses()]
+    sq = next((n for n in d_users if n.op_type in ("Pow", "Mul")), None)
+    div = next((n for n in d_users if n.op_type == "Div"), None)
+    if sq is None or div is None or len(d_users) != 2:
+        return None
+    if sq.op_type == "Pow":
+        exponent = const_array(sq.inputs[1])
+        if exponent is None or float(exponent.reshape(-1)[0]) != 2.0:
+            return None
+    elif not (sq.inputs[0] is d and sq.inputs[1] is d):
+        return None
+    var_node = _single_consumer(sq.outputs[0])
+    if var_node is None or not _reduce_axes_last(var_node):
+        return None
+    add_eps = _single_consumer(var_node.outputs[0])
+    if add_eps is None or add_eps.op_type != "Add":
+        return None
+    eps = const_array(add_eps.inputs[1]) if add_eps.inputs[0] is var_node.outputs[0] else const_array(add_eps.inputs[0])
+    sqrt = _single_consumer(add_eps.outputs[0])
+    if eps is None or eps.size != 1 or sqrt is None or sqrt.op_type != "Sqrt" or _single_consumer(sqrt.outputs[0]) is not div:
+        return None
+    if div.inputs[0] is not d or div.inputs[1] is not sqrt.outputs[0]:
+        return None
+    back = _single_consumer(div.outputs[0])
+    if back is None or back.op_type != "Reshape" or static_shape(back.outputs[0]) != xs:
+        return None
+    groups, channels = xrs[1], xs[1]
+    nodes = [reshape, mean_node, sub, sq, var_node, add_eps, sqrt, div, back]
+    internal = {xr, mean_node.outputs[0], d, sq.outputs[0], var_node.outputs[0], add_eps.outputs[0],
+                sqrt.outputs[0], div.outputs[0]}
+    match = NormMatch(nodes=nodes, x=x, y=back.outputs[0], groups=groups, epsilon=float(eps.reshape(-1)[0]),
+                      group_scale=np.ones(groups, np.float32), group_bias=np.zeros(groups, np.float32),
+                      gamma=np.ones(channels, np.float32), beta=np.zeros(channels, np.float32), internal=internal)
+    _extend_affine(match, channels)
+    return match
+
+
 def _match_instance_norm(node: ir.Node) -> NormMatch | None:
     xs = static_shape(node.inputs[0])
     gs, gb = const_array(node.inputs[1]), const_array(node.inputs[2])
@@ -151,7 +214,7 @@ def find_norms(model: ir.Model) -> dict[ir.Node, NormMatch]:
             continue
         match = None
         if node.op_type == "Reshape":
-            match = _match_reshape_instance_norm(node)
+            match = _match_reshape_instance_norm(node) or _match_reduce_mean_chain(node)
         elif node.op_type == "InstanceNormalization":
             match = _match_instance_norm(node)
         elif node.op_type == "GroupNormalization":

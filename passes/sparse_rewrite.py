@@ -262,7 +262,7 @@ def _full_graph(model_proto: onnx.ModelProto, ctx: RewriteContext, opset: int) -
         if cache.source in existing_outputs:
             continue
         if cache.source in input_names:
-            raise CompileError(f"internal: cache of graph input '{cache.source}'")
+            continue  # the runtime fills it from the primed inputs
         existing_outputs.add(cache.source)
         graph.output.append(onnx.helper.make_tensor_value_info(
             cache.source, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(cache.dtype)), cache.shape))

@@ -188,6 +188,59 @@ def rule_conv_transpose(ctx: RewriteContext, node: ir.Node) -> None:
                macs_per_tile=int(np.prod(window)) * ws[0] * ws[1] * kernel[0] * kernel[1])
 
 
+def _nearest_source_index(out_len: int, in_len: int, ctm: str, nearest_mode: str) -> np.ndarray:
+    """ONNX Resize (nearest): the input index read by every output index along one axis."""
+    o = np.arange(out_len, dtype=np.float64)
+    scale = out_len / in_len
+    if ctm == "asymmetric":
+        x = o / scale
+    elif ctm == "align_corners":
+        x = o * (in_len - 1) / max(out_len - 1, 1)
+    elif ctm == "pytorch_half_pixel" and out_len == 1:
+        x = np.zeros_like(o)
+    elif ctm in ("half_pixel", "pytorch_half_pixel"):
+        x = (o + 0.5) / scale - 0.5
+    else:
+        raise Unsupported(f"nearest Resize with coordinate_transformation_mode {ctm}")
+    frac = x - np.floor(x)
+    tie = np.abs(frac - 0.5) < 1e-6
+    if nearest_mode == "floor":
+        idx = np.floor(x + 1e-9)
+    elif nearest_mode == "ceil":
+        idx = np.ceil(x - 1e-9)
+    elif nearest_mode == "round_prefer_ceil":
+        idx = np.where(tie, np.ceil(x), np.round(x))
+    else:  # round_prefer_floor (the default)
+        idx = np.where(tie, np.floor(x), np.round(x))
+    return np.clip(idx, 0, in_len - 1).astype(np.int64)
+
+
+def _nearest_geometry(ctx: RewriteContext, node: ir.Node) -> tuple[int, int, int]:
+    """(upsample factor, downsample stride, offset) with ``out[o] = in[(o * stride + offset) // upsample]``."""
+    ins, outs = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
+    if ins[0] != outs[0] or ins[1] != outs[1]:
+        raise Unsupported("Resize over batch or channels")
+    ctm = attr(node, "coordinate_transformation_mode", "half_pixel") or "half_pixel"
+    nearest_mode = attr(node, "nearest_mode", "round_prefer_floor") or "round_prefer_floor"
+    if node.op_type == "Upsample":
+        ctm, nearest_mode = "asymmetric", "floor"
+    found = []
+    for axis in (2, 3):
+        n_in, n_out = ins[axis], outs[axis]
+        idx = _nearest_source_index(n_out, n_in, ctm, nearest_mode)
+        o = np.arange(n_out)
+        if n_out % n_in == 0 and np.array_equal(idx, o // (n_out // n_in)):
+            found.append((n_out // n_in, 1, 0))
+        elif n_in % n_out == 0 and np.array_equal(idx, o * (n_in // n_out) + idx[0]):
+            found.append((1, n_in // n_out, int(idx[0])))
+        else:
+            raise Unsupported(f"nearest Resize from {ins[2:]} to {outs[2:]} ({ctm}/{nearest_mode}) is not an "
+                              f"integer up- or downscale")
+    if found[0] != found[1]:
+        raise Unsupported("nearest Resize with different factors per axis")
+    return found[0]
+
+
 def _resize_factor(ctx: RewriteContext, node: ir.Node) -> int:
     ins, outs = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
     if ins[0] != outs[0] or ins[1] != outs[1]:
@@ -199,10 +252,34 @@ def _resize_factor(ctx: RewriteContext, node: ir.Node) -> int:
     return fy
 
 
+def _rule_nearest(ctx: RewriteContext, node: ir.Node, res: Resolution, form) -> None:
+    """Nearest Resize: an upscale is a gather with ``upsample``; an integer downscale picks every f-th pixel."""
+    u, f, off = _nearest_geometry(ctx, node)
+    inner, prologue, up0, _, _ = ctx.gather_source(form)
+    if f == 1:
+        vals = ctx.tile_gather(inner, res, window=[res.tile] * 2, step=[res.tile] * 2, offset=[0, 0],
+                               upsample=u * up0, prologue=prologue, hint=f"vals::{node.outputs[0].name}")
+        mask = ctx.masks.upsample(form.mask, [u, u], [res.height, res.width])
+        ctx.set_sparse(node.outputs[0], vals, res, mask, View(form, None, u) if isinstance(form, Sparse) else None)
+        ctx.report(node, "sparse", resolution=res.name, tile=res.tile, note=f"nearest x{u}")
+        return
+    window = (res.tile - 1) * f + 1
+    g = ctx.tile_gather(inner, res, window=[window] * 2, step=[res.tile * f] * 2, offset=[off, off], upsample=up0,
+                        prologue=prologue, hint=f"win::{node.name}")
+    b = ctx.builder
+    vals = b.node1("Slice", [g, b.const(np.array([0, 0], np.int64), "c:zero2"),
+                             b.const(np.array([window, window], np.int64), "c:win_end"),
+                             b.const(np.array([2, 3], np.int64), "c:axes23"),
+                             b.const(np.array([f, f], np.int64), "c:steps")], hint=f"vals::{node.outputs[0].name}")
+    h, w = ctx.shape(node.inputs[0])[2:]
+    mask = ctx.masks.window(form.mask, [h, w], [off + 1] * 2, [f, f], [0, 0, 0, 0], [1, 1], [res.height, res.width])
+    ctx.set_sparse(node.outputs[0], vals, res, mask)
+    ctx.report(node, "sparse", resolution=res.name, tile=res.tile, window=[window] * 2, note=f"nearest /{f}")
+
+
 def rule_resize(ctx: RewriteContext, node: ir.Node) -> None:
     """Resize by an integer factor: nearest is a gather with ``upsample``; bilinear resizes a haloed window."""
     res = _out_res(ctx, node)
-    u = _resize_factor(ctx, node)
     mode = attr(node, "mode", "nearest") or "nearest"
     ctm = attr(node, "coordinate_transformation_mode", "half_pixel") or "half_pixel"
     if node.op_type == "Upsample":
@@ -211,22 +288,10 @@ def rule_resize(ctx: RewriteContext, node: ir.Node) -> None:
     form = ctx.form(node.inputs[0])
     if isinstance(form, Padded):
         raise Unsupported("Resize of a padded tensor")
-    if int(attr(node, "antialias", 0) or 0) and u < 1:
-        raise Unsupported("antialiased downscale")
     if mode == "nearest":
-        nearest_mode = attr(node, "nearest_mode", "round_prefer_floor") or "round_prefer_floor"
-        if node.op_type == "Upsample":
-            nearest_mode = "floor"
-        floor_like = (ctm == "asymmetric" and nearest_mode == "floor") or ctm in ("half_pixel", "pytorch_half_pixel")
-        if not floor_like and u != 1:
-            raise Unsupported(f"nearest Resize with {ctm}/{nearest_mode}")
-        inner, prologue, up0, _, _ = ctx.gather_source(form)
-        vals = ctx.tile_gather(inner, res, window=[res.tile] * 2, step=[res.tile] * 2, offset=[0, 0],
-                               upsample=u * up0, prologue=prologue, hint=f"vals::{node.outputs[0].name}")
-        mask = ctx.masks.upsample(form.mask, [u, u], [res.height, res.width])
-        ctx.set_sparse(node.outputs[0], vals, res, mask, View(form, None, u) if isinstance(form, Sparse) else None)
-        ctx.report(node, "sparse", resolution=res.name, tile=res.tile, note=f"nearest x{u}")
+        _rule_nearest(ctx, node, res, form)
         return
+    u = _resize_factor(ctx, node)
     if mode != "linear" or ctm not in ("half_pixel", "pytorch_half_pixel"):
         raise Unsupported(f"Resize mode {mode} with {ctm}")
     if res.tile % u:

@@ -12,8 +12,12 @@ from sigec.runtime.engine import Engine
 
 
 def load(path: str | os.PathLike, *, backend: str | None = None, threads: int | None = None, device: str = "cpu",
-         dense_fallback_fraction: float | None = None) -> Engine:
-    """Load an engine file; ``backend`` overrides the one it was compiled for ("ort" or "torch")."""
+         dense_fallback_fraction: float | None = None, max_cache_bytes: int | None = None) -> Engine:
+    """Load an engine file; ``backend`` overrides the one it was compiled for ("ort" or "torch").
+
+    ``max_cache_bytes`` bounds the memory held by primed keys: the least recently used key is
+    evicted when a new ``prime`` would exceed it (see ``sigec.runtime.engine``).
+    """
     from sigec.engine_file import read_engine
 
     contents = read_engine(path)
@@ -28,4 +32,5 @@ def load(path: str | os.PathLike, *, backend: str | None = None, threads: int | 
         except Exception as exc:
             raise EngineFileError(f"engine '{path}': graph '{name}' is not a valid ONNX model: {exc}") from exc
     runners = make_runners(chosen, graphs, contents.weights, threads=threads, device=device)
-    return Engine(contents.manifest, runners, path=os.fspath(path), dense_fallback_fraction=dense_fallback_fraction)
+    return Engine(contents.manifest, runners, path=os.fspath(path), dense_fallback_fraction=dense_fallback_fraction,
+                  max_cache_bytes=max_cache_bytes)

@@ -63,6 +63,28 @@ def _check_static_inputs(proto: onnx.ModelProto) -> None:
                                " (Python: input_shapes={...})")
 
 
+# Ops whose output has the shape and type of their first input (used where ONNX shape inference,
+# e.g. for function ops such as GroupNormalization, leaves the output shape unknown).
+SHAPE_PRESERVING = {"GroupNormalization", "LayerNormalization", "InstanceNormalization", "BatchNormalization",
+                    "Relu", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "HardSwish", "Mish", "Gelu", "Softplus",
+                    "Identity", "Dropout"}
+
+
+def _fill_shape_preserving(model: ir.Model) -> bool:
+    """Give shape-preserving nodes with unknown output shapes their input's shape; True if any changed."""
+    changed = False
+    for node in model.graph:
+        out = node.outputs[0] if node.outputs else None
+        src = node.inputs[0] if node.inputs else None
+        if node.op_type in SHAPE_PRESERVING and out is not None and src is not None and static_shape(out) is None \
+                and static_shape(src) is not None:
+            out.shape = ir.Shape(static_shape(src))
+            if out.type is None:
+                out.type = src.type
+            changed = True
+    return changed
+
+
 def canonicalize(proto: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> ir.Model:
     """Pin shapes, infer shapes, fold constants, fold Pad/BatchNorm into Conv, sort; check static shapes."""
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
@@ -84,6 +106,8 @@ def canonicalize(proto: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
         ir.passes.common.ShapeInferencePass(),
     )
     model = passes(model).model
+    if _fill_shape_preserving(model):
+        model = ir.passes.common.ShapeInferencePass()(model).model
     for node in model.graph:
         for out in node.outputs:
             if static_shape(out) is None and out.type is not None and out.uses():
