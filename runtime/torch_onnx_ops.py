@@ -7,9 +7,15 @@ domain ``ai.sigec``, semantics in docs/ops.md).
 
 from __future__ import annotations
 
+import os
+import warnings
+from types import ModuleType
+
 import torch
 
-from .reference_ops import tile_gather, tile_scatter
+from sigec.errors import BackendError
+
+from . import reference_ops
 from .torch_onnx_ops_common import Inputs, NodeAttrs, OpFn, opt
 from .torch_onnx_ops_elementwise import ELEMENTWISE_OPS
 from .torch_onnx_ops_nn import NN_OPS
@@ -29,9 +35,29 @@ def _pair(attrs: NodeAttrs, name: str, default: list[int] | None = None) -> list
     return value
 
 
+def tile_kernels(tensor: torch.Tensor) -> ModuleType:
+    """The module implementing the ``ai.sigec`` ops for ``tensor``: ``triton_ops`` or ``reference_ops``.
+
+    ``SIGEC_TRITON`` unset: Triton for CUDA tensors when it is installed (else the reference, with
+    a warning); ``1``: Triton always (CPU tensors need ``TRITON_INTERPRET=1``); ``0``: never.
+    """
+    choice = os.environ.get("SIGEC_TRITON", "")
+    if choice == "0" or (choice != "1" and tensor.device.type != "cuda"):
+        return reference_ops
+    try:
+        from . import triton_ops
+    except ImportError as exc:
+        if choice == "1":
+            raise BackendError(f"SIGEC_TRITON=1 but the Triton kernels cannot be imported: {exc}") from exc
+        warnings.warn(f"Triton is not available ({exc}); the ai.sigec ops run with the PyTorch reference",
+                      RuntimeWarning, stacklevel=2)
+        return reference_ops
+    return triton_ops
+
+
 def sigec_tile_gather(attrs: NodeAttrs, x: Inputs) -> torch.Tensor:
     """``ai.sigec::TileGather(base, vals?, grid?, coords, scale?, shift?)`` (docs/ops.md)."""
-    return tile_gather(
+    return tile_kernels(x[0]).tile_gather(
         x[0],
         opt(x, 1),
         opt(x, 2),
@@ -51,7 +77,7 @@ def sigec_tile_gather(attrs: NodeAttrs, x: Inputs) -> torch.Tensor:
 
 def sigec_tile_scatter(attrs: NodeAttrs, x: Inputs) -> torch.Tensor:
     """``ai.sigec::TileScatter(base, vals, coords)`` (docs/ops.md)."""
-    return tile_scatter(x[0], x[1], x[2])
+    return tile_kernels(x[0]).tile_scatter(x[0], x[1], x[2])
 
 
 ONNX_OPS: dict[str, OpFn] = {**ELEMENTWISE_OPS, **TENSOR_OPS, **REDUCE_OPS, **NN_OPS, **RESIZE_OPS}

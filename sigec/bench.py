@@ -21,6 +21,7 @@ class BenchRow:
     sparse_ms: float
     mac_reduction: float
     rel_l2: float
+    psnr: float
     path: str
     active_fraction: dict[str, float]
 
@@ -93,21 +94,23 @@ def measure(engine: Engine, original: Mapping[str, np.ndarray], edits: Sequence[
             stats = engine.stats
             ref = dense_out[0]
             err = float(np.linalg.norm(sparse_out[0] - ref) / (np.linalg.norm(ref) + 1e-12))
+            mse = float(np.mean((sparse_out[0].astype(np.float64) - ref) ** 2))
+            psnr = float("inf") if mse == 0 else float(10 * np.log10(4.0 / mse))  # outputs in [-1, 1]
             _, executed, tiles = engine.expected_macs(mask)
             dense_macs = engine._dense_macs()
             rows.append(BenchRow(edit=edit, dense_ms=statistics.median(dense_t), sparse_ms=statistics.median(sparse_t),
-                                 mac_reduction=dense_macs / max(executed, 1), rel_l2=err, path=stats.path,
+                                 mac_reduction=dense_macs / max(executed, 1), rel_l2=err, psnr=psnr, path=stats.path,
                                  active_fraction={k: t.count / max(t.grid.size, 1) for k, t in tiles.items()}))
     return rows
 
 
 def markdown_table(rows: Sequence[BenchRow]) -> str:
     """Rows as a markdown table."""
-    lines = ["| edit | dense ORT ms | sigec ms | speedup | MAC reduction | efficiency | rel. L2 error | path |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| edit | dense ORT ms | sigec ms | speedup | MAC reduction | efficiency | rel. L2 error | PSNR dB | path |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.edit * 100:.1f}% | {r.dense_ms:.1f} | {r.sparse_ms:.1f} | {r.speedup:.2f}x | "
-                     f"{r.mac_reduction:.2f}x | {r.efficiency:.2f} | {r.rel_l2:.2e} | {r.path} |")
+                     f"{r.mac_reduction:.2f}x | {r.efficiency:.2f} | {r.rel_l2:.2e} | {r.psnr:.1f} | {r.path} |")
     return "\n".join(lines)
 
 

@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mode", choices=["approx", "exact"], default="approx")
     c.add_argument("--backend", choices=["ort", "torch", "tensorrt"], default="ort")
     c.add_argument("--tile-size", type=_parse_tile_size, default=None,
-                   help="tile size for every resolution (default 8), or r64x64=8,default=8")
+                   help="tile size for every resolution (default 4), or r64x64=8,default=8")
     c.add_argument("--input-shape", type=_parse_shape, action="append", help="pin a dynamic input: NAME=1,3,256,256")
     c.add_argument("--fallback", choices=["error", "dense"], default="error",
                    help="what to do with nodes that have no sparse rule")

@@ -12,7 +12,7 @@ import onnx
 from sigec.errors import CompileError
 from sigec.progress import Steps
 
-DEFAULT_TILE_SIZE = 8
+DEFAULT_TILE_SIZE = 4  # measured on the DDPM UNet: see BENCHMARKS.md, "Tile size"
 DEFAULT_THRESHOLD = {"exact": 0.0, "approx": 2e-2}
 DEFAULT_DILATION = {"exact": 0, "approx": 1}
 BACKENDS = ("ort", "torch", "tensorrt")

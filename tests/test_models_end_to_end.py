@@ -55,8 +55,9 @@ CASES = {
     # spread the edit far beyond the approx masks (96% of the dense change lies outside the
     # edited square), which SIGE-style approx ignores by design.
     "resnet9_instance": Case("resnet9", "approx", build_kwargs={"norm": "instance"}, rel_l2_bound=0.29),
-    # ddpm_unet 0.0213, dense change 0.075 (attention islands, frozen GroupNorm statistics).
-    "ddpm_unet": Case("ddpm_unet", "approx", rel_l2_bound=0.032),
+    # ddpm_unet 0.0377 with the default 4-px tiles (0.0213 with 8-px tiles), dense change 0.075
+    # (attention islands, frozen GroupNorm statistics; smaller tiles cover less around the edit).
+    "ddpm_unet": Case("ddpm_unet", "approx", rel_l2_bound=0.057),
     # sd_vae_decoder 0.0899, dense change 0.172 (mid-block attention on the 8x8 latent, frozen GroupNorm).
     "sd_vae_decoder": Case("sd_vae_decoder", "approx", rel_l2_bound=0.135),
 }

@@ -54,8 +54,49 @@ def _torch_dense_ms(module: torch.nn.Module, inputs: dict[str, torch.Tensor], th
     return statistics.median(times)
 
 
+def _label_edit(original: dict[str, np.ndarray]):
+    """SPADE: edits change the labels inside the mask to a class absent from that region."""
+    from sigec.zoo import edit_label_map
+
+    name = next(iter(original))
+
+    def make(mask: np.ndarray) -> dict[str, np.ndarray]:
+        labels = original[name]
+        if not mask.any():
+            return {name: labels.copy()}
+        ys, xs = np.nonzero(mask)
+        box = (int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1)
+        present = set(np.unique(labels[:, :, box[0]:box[2], box[1]:box[3]].argmax(axis=1)).tolist())
+        new_class = next(c for c in range(labels.shape[1]) if c not in present)
+        edited = edit_label_map(torch.from_numpy(labels), box, new_class).numpy()
+        return {name: edited}
+
+    return make
+
+
+def _plot(rows, model_name: str, out: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edits = [r.edit * 100 for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(edits, [r.speedup for r in rows], "o-", label="measured speedup vs dense ORT")
+    ax.plot(edits, [r.mac_reduction for r in rows], "s--", label="MAC reduction (the limit)")
+    ax.axhline(1.0, color="gray", lw=1, label="dense (1x)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("edited area (%)")
+    ax.set_ylabel("x faster than dense")
+    ax.set_title(f"{model_name}: sigec sparse vs dense ONNX Runtime")
+    ax.legend()
+    fig.savefig(out, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
 def run(model_name: str, edits: list[float], repeats: int, threads: int, mode: str, small: bool,
-        tile_size: int | None) -> str:
+        tile_size: int | None, plot_dir: str | None = None) -> str:
     """Benchmark one zoo model; return the markdown section."""
     module, example = build(model_name, small=small)
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,9 +106,15 @@ def run(model_name: str, edits: list[float], repeats: int, threads: int, mode: s
         compile_s = time.perf_counter() - start
         engine = sigec.load(path, threads=threads)
         original = {k: v.numpy() for k, v in example.items()}
-        rows = measure(engine, original, edits, repeats=repeats)
+        make_edit = _label_edit(original) if model_name == "spade" else None
+        rows = measure(engine, original, edits, repeats=repeats, make_edit=make_edit)
         cache_mb = engine.cache_bytes() / 2**20
+        approximated = sorted({a["op_type"] for a in engine.manifest["approximations"]})
+        n_approx = len(engine.manifest["approximations"])
     torch_ms = _torch_dense_ms(module, example, threads, repeats)
+    if plot_dir:
+        pathlib.Path(plot_dir).mkdir(parents=True, exist_ok=True)
+        _plot(rows, model_name, pathlib.Path(plot_dir) / f"{model_name}.png")
     cmd = "python tools/bench.py --model {} --mode {} --repeats {} --threads {}{}".format(
         model_name, mode, repeats, threads, " --small" if small else "")
     shape = "x".join(str(s) for s in next(iter(example.values())).shape)
@@ -77,11 +124,12 @@ def run(model_name: str, edits: list[float], repeats: int, threads: int, mode: s
         f"Command: `{cmd}`  ",
         f"Date: {datetime.date.today()}; machine: {_machine()}; onnxruntime {__import__('onnxruntime').__version__}, "
         f"torch {torch.__version__}.  ",
-        f"Compile time {compile_s:.1f} s; caches {cache_mb:.1f} MiB per key; dense PyTorch {torch_ms:.1f} ms.",
+        f"Compile time {compile_s:.1f} s; caches {cache_mb:.1f} MiB per key; dense PyTorch {torch_ms:.1f} ms; "
+        f"approximations: {n_approx} ({', '.join(approximated) or 'none'}).",
         "",
         markdown_table(rows),
         "",
-    ])
+    ] + ([f"![{model_name}](bench/{model_name}.png)", ""] if plot_dir else []))
 
 
 def main() -> int:
@@ -94,9 +142,10 @@ def main() -> int:
     parser.add_argument("--tile-size", type=int, default=None)
     parser.add_argument("--small", action="store_true", help="use the test-size model (quick check)")
     parser.add_argument("--write", help="append the section to this markdown file")
+    parser.add_argument("--plot-dir", default=None, help="write a speedup-vs-edit PNG per model here (e.g. bench/)")
     args = parser.parse_args()
     section = run(args.model, [float(e) for e in args.edits.split(",")], args.repeats, args.threads, args.mode,
-                  args.small, args.tile_size)
+                  args.small, args.tile_size, args.plot_dir)
     print(section)
     if args.write:
         with open(args.write, "a") as f:
