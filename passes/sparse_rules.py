@@ -88,8 +88,6 @@ def _sliding_window(ctx: RewriteContext, node: ir.Node, kernel: list[int], strid
     """Shared rule of Conv and pooling: gather (T-1)*s + (k-1)*d + 1 windows, run the op with pads 0."""
     res = _out_res(ctx, node)
     inner, prologue, upsample, pads, mode = _window_source(ctx, node, pads)
-    if mode != "zeros" and (pads[0] != pads[2] or pads[1] != pads[3]) and mode == "reflect":
-        pass  # asymmetric reflect pads are fine: the gather reflects per position
     span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
     window = [(res.tile - 1) * s + e for s, e in zip(strides, span)]
     step = [res.tile * s for s in strides]
@@ -284,7 +282,6 @@ def rule_resize(ctx: RewriteContext, node: ir.Node) -> None:
     ctm = attr(node, "coordinate_transformation_mode", "half_pixel") or "half_pixel"
     if node.op_type == "Upsample":
         ctm = "asymmetric"
-    ins = ctx.shape(node.inputs[0])
     form = ctx.form(node.inputs[0])
     if isinstance(form, Padded):
         raise Unsupported("Resize of a padded tensor")
@@ -312,7 +309,6 @@ def rule_resize(ctx: RewriteContext, node: ir.Node) -> None:
     mask = ctx.masks.upsample(form.mask, [u, u], [res.height, res.width], halo=1)
     ctx.set_sparse(node.outputs[0], vals, res, mask)
     ctx.report(node, "sparse", resolution=res.name, tile=res.tile, window=[low + 2] * 2, note=f"bilinear x{u}")
-    del ins
 
 
 def rule_depth_to_space(ctx: RewriteContext, node: ir.Node) -> None:

@@ -88,7 +88,13 @@ def _map_padding(pos, size, period, PAD_MODE: tl.constexpr):
     return pos
 
 
-@triton.jit
+# Geometry ints are not specialised (divisibility by 16, equality to 1): one compiled kernel per
+# prologue/dtype combination instead of one per layer shape. They only enter per-position index math.
+_GATHER_GEOMETRY = ["C", "H", "W", "PLANE", "GH", "GW", "VT", "WIN_H", "WIN_W", "STEP_Y", "STEP_X", "OFF_Y", "OFF_X",
+                    "UPSAMPLE", "PERIOD_Y", "PERIOD_X"]
+
+
+@triton.jit(do_not_specialize=_GATHER_GEOMETRY)
 def _tile_gather_kernel(
     out_ptr, base_ptr, vals_ptr, grid_ptr, coords_ptr, scale_ptr, shift_ptr,
     C, H, W, PLANE, GH, GW, VT,
@@ -206,15 +212,22 @@ def _index(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device=device, dtype=torch.int64).contiguous()
 
 
+def _floats(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A float operand on ``device``, contiguous; kept in its own dtype when the kernels read it
+    (under autocast ``vals`` may be float16 while the cached ``base`` is float32)."""
+    dtype = t.dtype if t.dtype in SUPPORTED_DTYPES else torch.float32
+    return t.to(device=device, dtype=dtype).contiguous()
+
+
 def _param(t: torch.Tensor | None, batch: int, channels: int, device: torch.device, name: str
            ) -> tuple[torch.Tensor | None, bool]:
     """A scale/shift input as a contiguous tensor on ``device`` and whether it is per batch item."""
     if t is None:
         return None, False
     if t.dim() == 1 and t.shape[0] == channels:
-        return t.to(device).contiguous(), False
+        return _floats(t, device), False
     if t.dim() == 2 and t.shape[1] == channels and t.shape[0] in (1, batch):
-        return t.to(device).contiguous(), True
+        return _floats(t, device), True
     raise ValueError(f"TileGather {name} must be [C] or [B, C] with C={channels}, got {list(t.shape)}")
 
 
@@ -266,7 +279,7 @@ def tile_gather(
     if has_vals:
         if grid is None:
             raise ValueError("TileGather: vals given without grid")
-        vals = vals.to(device=device, dtype=base.dtype).contiguous()
+        vals = _floats(vals, device)
         grid = _index(grid, device)
         vt, gh, gw = int(vals.shape[2]), int(grid.shape[1]), int(grid.shape[2])
     else:
@@ -294,13 +307,13 @@ def tile_scatter(base: torch.Tensor, vals: torch.Tensor, coords: torch.Tensor) -
     if base.dtype not in SUPPORTED_DTYPES:
         return reference_ops.tile_scatter(base, vals, coords)
     _check_device(base)
-    out = base.contiguous().clone()
+    out = base.clone(memory_format=torch.contiguous_format)
     n = coords.shape[0]
     if n == 0 or out.numel() == 0:
         return out
     _, channels, height, width = base.shape
     tile = int(vals.shape[2])
-    vals = vals.to(device=base.device).contiguous()
+    vals = _floats(vals, base.device)
     coords = _index(coords, base.device)
     block_c, block_p = _blocks(channels, tile * tile)
     launch = (n, triton.cdiv(channels, block_c), triton.cdiv(tile * tile, block_p))

@@ -83,7 +83,8 @@ def check_gather(base, vals, grid, coords, scale=None, shift=None, **attrs) -> t
     assert out.shape == expected.shape and out.dtype == base.dtype and out.device == base.device
     if base.dtype in LOW_PRECISION:
         tight, loose = LOW_PRECISION[base.dtype]
-        up = [t.float() if t is not None and t.is_floating_point() else t for t in (base, vals, grid, coords, scale, shift)]
+        operands = (base, vals, grid, coords, scale, shift)
+        up = [t.float() if t is not None and t.is_floating_point() else t for t in operands]
         rounded = reference_ops.tile_gather(*up, **attrs).to(base.dtype)
         torch.testing.assert_close(out, rounded, rtol=tight, atol=tight, equal_nan=True)
         torch.testing.assert_close(out, expected, rtol=loose, atol=loose, equal_nan=True)
@@ -243,6 +244,23 @@ def test_low_precision(dtype):
     check_scatter(base, vals, coords_of([(0, 0, 0), (0, 3, 2), (1, 1, 1)]))
 
 
+def test_mixed_dtypes_as_under_autocast():
+    # float32 caches with float16 tiles and parameters (a conv under torch.autocast): float32 out.
+    B, C, H, W, T = 1, 3, 12, 12, 4
+    base, vals, grid = sparse_input(14, B, C, H, W, T, cells=[(0, 0, 1), (0, 2, 2)])
+    half = vals.half()
+    coords = coords_of([(0, 0, 0), (0, 0, 1), (0, 2, 2)])
+    shift = torch.randn((C,), device=DEVICE).half()
+    out = triton_ops.tile_gather(base, half, grid, coords, None, shift, activation="silu", **conv_attrs(T))
+    assert out.dtype == torch.float32
+    expected = reference_ops.tile_gather(base, half.float(), grid, coords, None, shift.float(), activation="silu",
+                                         **conv_attrs(T))
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    scattered = triton_ops.tile_scatter(base, half, coords_of([(0, 0, 1), (0, 2, 2)]))
+    assert scattered.dtype == torch.float32
+    assert torch.equal(scattered, reference_ops.tile_scatter(base, half.float(), coords_of([(0, 0, 1), (0, 2, 2)])))
+
+
 def test_unknown_attributes_are_rejected():
     base, vals, grid = sparse_input(10, 1, 1, 8, 8, 4, cells=[])
     with pytest.raises(ValueError, match="pad_mode"):
@@ -277,10 +295,15 @@ def test_scatter_partial_border_tiles_and_batches():
 
 
 SM90_COMPILE_SCRIPT = """
+import inspect, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from sigec.runtime import triton_ops
+
+if "constexprs" not in inspect.signature(ASTSource).parameters:
+    print("ASTSource of this Triton version takes no constexprs")
+    sys.exit(0)
 
 def compile_sm90(kernel, pointers, floats=(), **constexprs):
     sig = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in floats else "i32")
@@ -312,6 +335,8 @@ def test_kernels_compile_for_an_h100():
     result = subprocess.run([sys.executable, "-c", SM90_COMPILE_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    if "takes no constexprs" in result.stdout:
+        pytest.skip(f"Triton {triton_ops.triton.__version__}: ahead-of-time compile API differs")
     assert "compiled for sm_90" in result.stdout
 
 
@@ -348,7 +373,6 @@ def test_engine_runs_with_the_triton_kernels(tmp_path, monkeypatch):
     island, output scatter): the sparse run with the Triton kernels equals the reference run."""
     import sigec
     from sigec.bench import edit_inputs, square_mask
-
     from small_unet import small_unet  # tests/ is on sys.path (conftest.py)
 
     model, x = small_unet()

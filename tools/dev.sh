@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 
 install() {
+  local extras="${1:-test,models}"
   # torch first, pinned: a range admitting newer releases would pull a multi-GB CUDA build.
   if ! "$PYTHON" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
     "$PYTHON" -m pip install --quiet "torch==2.13.0"
@@ -17,12 +18,13 @@ install() {
     "$PYTHON" -m pip install --quiet "scikit-build-core>=0.10" cmake ninja
   # Builds plugins/ (ONNX Runtime custom ops); the build fetches ONNX Runtime's headers itself
   # (tools/fetch_ort_headers.py) unless SIGEC_ORT_INCLUDE_DIR names them.
-  "$PYTHON" -m pip install --quiet $isolation -e ".[test,models]"
+  "$PYTHON" -m pip install --quiet $isolation -e ".[$extras]"
 }
 
 case "${1:-}" in
   install) install ;;
   demo) install; "$PYTHON" -m sigec.cli demo --out out/demo ;;
-  test) install; shift; "$PYTHON" -m pytest -q "$@" ;;
+  # The tests also check the Triton GPU kernels on the CPU (TRITON_INTERPRET=1): install the gpu extra.
+  test) install "test,models,gpu"; shift; "$PYTHON" -m pytest -q "$@" ;;
   *) echo "usage: bash tools/dev.sh {demo|test|install} [pytest args]" >&2; exit 2 ;;
 esac

@@ -2,6 +2,7 @@
 
 Usage: python tools/gpu_bench.py --out OUTDIR [--models ddpm_unet_small,ddpm_unet,spade]
        [--edits 0.012,0.05,0.2] [--precisions fp32,fp16] [--repeats 10] [--device cuda] [--budget-s 400]
+       [--tile-size T]
 
 For every model the script compiles an engine (``backend="torch"``, on the CPU), then per
 precision and edit size (a centred square; noise for the UNet, relabelled classes for SPADE) it
@@ -40,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
+import onnx
 import torch
 
 import sigec
@@ -64,11 +66,8 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     "ddpm_unet_small": ModelSpec("ddpm_unet", True, "approx"),
     "ddpm_unet": ModelSpec("ddpm_unet", False, "approx"),
-    # SPADE's label map is resized down with nearest Resize, which the rewrite keeps dense
-    # (fallback="dense"); in exact mode only the full-resolution tail is sparse (see
-    # tests/test_models_end_to_end.py).
-    "spade_small": ModelSpec("spade", True, "exact", {"fallback": "dense"}, edit="labels"),
-    "spade": ModelSpec("spade", False, "exact", {"fallback": "dense"}, edit="labels"),
+    "spade_small": ModelSpec("spade", True, "exact", edit="labels"),
+    "spade": ModelSpec("spade", False, "exact", edit="labels"),
 }
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -176,8 +175,6 @@ class ResidentSparse:
 def load_engine(path: pathlib.Path, device: torch.device) -> tuple[Engine, Mapping[str, Any]]:
     """``sigec.load(path, backend="torch", device=device)``, keeping hold of the runners."""
     contents = read_engine(path)
-    import onnx
-
     graphs = {name: onnx.ModelProto.FromString(contents.graphs[name]) for name in ("full", "sparse", "dense")}
     runners = make_runners("torch", graphs, contents.weights, device=str(device))
     return Engine(contents.manifest, runners, path=str(path), dense_fallback_fraction=10.0), runners
@@ -208,14 +205,16 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bench_model(name: str, spec: ModelSpec, edits: list[float], precisions: list[str], device: torch.device,
-                repeats: int, workdir: pathlib.Path, deadline: float, log: Callable[[str], None]
-                ) -> tuple[list[Row], dict[str, Any]]:
+                repeats: int, workdir: pathlib.Path, deadline: float, log: Callable[[str], None],
+                tile_size: int | None = None) -> tuple[list[Row], dict[str, Any]]:
     """All rows of one model, and facts about it (compile time, MACs, cache size)."""
     module, example = build(spec.zoo_name, small=spec.small)
     path = workdir / f"{name}.sigec"
     start = time.perf_counter()
-    sigec.compile(module, path, inputs=example, mode=spec.mode, backend="torch", **spec.compile_kwargs)
+    sigec.compile(module, path, inputs=example, mode=spec.mode, backend="torch", tile_size=tile_size,
+                  **spec.compile_kwargs)
     info: dict[str, Any] = {"compile_s": round(time.perf_counter() - start, 1), "mode": spec.mode,
+                            "tile_size": tile_size or "default",
                             "input": {k: list(v.shape) for k, v in example.items()}}
     log(f"{name}: compiled in {info['compile_s']} s")
     engine, runners = load_engine(path, device)
@@ -270,7 +269,7 @@ def _measure(row: Row, spec: ModelSpec, engine: Engine, resident: ResidentSparse
                 with sigec_triton("0"):
                     row.sparse_reference_ms = median_ms(lambda: resident.run(feeds, mask), device, repeats)
             except Exception as exc:
-                row.note = f"reference gathers failed: {type(exc).__name__}"
+                row.note = f"reference gathers failed: {type(exc).__name__}: {str(exc)[:120]}"
     if dtype is None:
         with sigec_triton("1"):
             row.engine_run_ms = median_ms(lambda: engine.run(edited, mask=mask), device, repeats)
@@ -289,9 +288,10 @@ def markdown(rows: list[Row], infos: Mapping[str, Any], header: list[str]) -> st
     lines = [*header, ""]
     for name, info in infos.items():
         lines.append(f"- `{name}`: {json.dumps(info)}")
-    lines += ["", "| model | precision | edit | MAC reduction | dense PyTorch ms | dense executor ms | sparse Triton ms "
-              "| speedup vs PyTorch | sparse reference-gather ms | engine.run ms (path) | rel. L2 vs dense fp32 | note |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = ["model", "precision", "edit", "MAC reduction", "dense PyTorch ms", "dense executor ms",
+               "sparse Triton ms", "speedup vs PyTorch", "sparse reference-gather ms", "engine.run ms (path)",
+               "rel. L2 vs dense fp32", "note"]
+    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         engine = "-" if r.engine_run_ms is None else f"{r.engine_run_ms:.1f} ({r.engine_path})"
         lines.append(f"| {r.model} | {r.precision} | {r.edit * 100:.1f}% | {_fmt(r.mac_reduction, '.2f', 'x')} | "
@@ -328,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting new measurements after this")
+    parser.add_argument("--tile-size", type=int, default=None, help="output tile size (default: the compiler's)")
     parser.add_argument("--no-cudnn-benchmark", action="store_true")
     args = parser.parse_args(argv)
     deadline = time.monotonic() + args.budget_s
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             try:
                 model_rows, infos[name] = bench_model(name, MODELS[name], edits, precisions, device, args.repeats,
-                                                      pathlib.Path(tmp), deadline, log)
+                                                      pathlib.Path(tmp), deadline, log, args.tile_size)
                 rows.extend(model_rows)
             except ImportError as exc:
                 infos[name] = {"skipped": f"{exc} (the UNet needs diffusers)"}

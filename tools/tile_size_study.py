@@ -11,7 +11,6 @@ import argparse
 import pathlib
 import tempfile
 
-import numpy as np
 
 import sigec
 from sigec import inspect as insp
