@@ -314,6 +314,11 @@ def rewrite(model: ir.Model, *, mode: str = "approx", tile_size: int | dict[str,
         mask_id = ctx.masks.resolution_mask([res.height, res.width], ctx.res_masks[res.name], approx_dilation)
         resolutions.append({"name": res.name, "size": [res.height, res.width], "tile": res.tile, "mask": mask_id})
     caches = list(ctx.caches.values())
+    if mode == "approx" and resolutions:
+        ctx.approximations.insert(0, {
+            "node": "*", "op_type": "mask",
+            "detail": f"SIGE-style masks: each resolution's tiles are the edit resampled and dilated by "
+                      f"{approx_dilation} px; changes that convolutions spread further are not recomputed"})
     full = _full_graph(model_proto, ctx, opset)
     dense = model_proto
     manifest = {
