@@ -24,3 +24,19 @@ def node_macs(node: Mapping[str, Any], tiles: Mapping[str, TileIndex]) -> int:
 def executed_macs(nodes: Sequence[Mapping[str, Any]], tiles: Mapping[str, TileIndex]) -> int:
     """MACs of a sparse run with the given active tiles."""
     return sum(node_macs(n, tiles) for n in nodes)
+
+
+class CostModel:
+    """Precomputed MAC totals so that a run's cost is a few multiplications (used on every ``run``)."""
+
+    def __init__(self, nodes: Sequence[Mapping[str, Any]]) -> None:
+        self.dense = dense_macs(nodes)
+        self.fixed = sum(int(n.get("dense_macs", 0)) for n in nodes if n["kind"] == "dense")
+        self.per_tile: dict[str, int] = {}
+        for n in nodes:
+            if n["kind"] in ("sparse", "approx") and n.get("macs_per_tile") and n.get("resolution"):
+                self.per_tile[n["resolution"]] = self.per_tile.get(n["resolution"], 0) + int(n["macs_per_tile"])
+
+    def executed(self, tiles: Mapping[str, TileIndex]) -> int:
+        """MACs of a sparse run with the given active tiles (same result as :func:`executed_macs`)."""
+        return self.fixed + sum(m * tiles[r].count for r, m in self.per_tile.items() if r in tiles)

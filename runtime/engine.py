@@ -183,7 +183,7 @@ class Engine:
         self.dense_fallback_fraction = float(dense_fallback_fraction if dense_fallback_fraction is not None
                                              else options.get("dense_fallback_fraction", 0.6))
         self._local = threading.local()
-        self._nodes = list(self.manifest.get("nodes", []))
+        self._costs = costs.CostModel(self.manifest.get("nodes", []))
 
     # ----- public surface ---------------------------------------------------------------------
     @property
@@ -650,10 +650,10 @@ class Engine:
         return outputs
 
     def _dense_macs(self) -> int:
-        return costs.dense_macs(self._nodes)
+        return self._costs.dense
 
     def _executed_macs(self, tiles: Mapping[str, TileIndex]) -> int:
-        return costs.executed_macs(self._nodes, tiles)
+        return self._costs.executed(tiles)
 
     def _record(self, path: str, start: float, tiles: Mapping[str, TileIndex], executed: int) -> None:
         self._local.stats = RunStats(path=path, wall_ms=(time.perf_counter() - start) * 1e3,

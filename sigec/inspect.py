@@ -59,7 +59,9 @@ def render(rep: dict[str, Any], console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        console = Console(width=max(console.width, 150))  # the node table needs room; pipes report 80
     console.print(f"[bold]sigec engine[/bold] mode={rep['mode']} backend={rep['backend']} "
                   f"version={rep['sigec_version']}  nodes: " + ", ".join(f"{k} {v}" for k, v in rep["kinds"].items()))
     res = Table(title="resolutions")

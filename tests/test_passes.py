@@ -117,3 +117,17 @@ def test_group_norm_patterns_are_matched_and_frozen_statistics_are_exact_on_the_
     full = engine.run({"x": x}, mask=np.ones((8, 8), bool))
     assert engine.stats.path in ("sparse", "dense")
     assert rel_err(full[0], engine.run_dense({"x": x})[0]) < 1e-5
+
+
+def test_cost_model_matches_the_per_node_sum():
+    from sigec.runtime import costs
+    from sigec.runtime.mask_program import TileIndex
+
+    nodes = [{"kind": "sparse", "resolution": "r8x8", "macs_per_tile": 10, "dense_macs": 100},
+             {"kind": "approx", "resolution": "r4x4", "macs_per_tile": 7, "dense_macs": 50},
+             {"kind": "dense", "dense_macs": 30}, {"kind": "static", "dense_macs": 1000}, {"kind": "constant"}]
+    tiles = {"r8x8": TileIndex(np.zeros((3, 3), np.int64), np.zeros((1, 2, 2), np.int64)),
+             "r4x4": TileIndex(np.zeros((2, 3), np.int64), np.zeros((1, 1, 1), np.int64))}
+    model = costs.CostModel(nodes)
+    assert model.executed(tiles) == costs.executed_macs(nodes, tiles) == 3 * 10 + 2 * 7 + 30
+    assert model.dense == costs.dense_macs(nodes) == 180
