@@ -96,7 +96,14 @@ def _sliding_window(ctx: RewriteContext, node: ir.Node, kernel: list[int], strid
     vals = emit_op(g)
     h, w = _in_size(ctx, node)
     mask = _input_mask(ctx, node)  # the input's own mask already includes any fused upsampling
-    mask = ctx.masks.window(mask, [h, w], kernel, strides, pads, dilations, [res.height, res.width])
+    if mode == "zeros":
+        mask = ctx.masks.window(mask, [h, w], kernel, strides, pads, dilations, [res.height, res.width])
+    else:
+        # Reflected/replicated padding copies pixels up to max(pads) inside the border: widen the
+        # receptive field by that much (conservative, exact-mode safe).
+        m = max(pads)
+        mask = ctx.masks.window(mask, [h, w], [e + 2 * m for e in span], strides, [p_ + m for p_ in pads], [1, 1],
+                                [res.height, res.width])
     ctx.set_sparse(node.outputs[0], vals, res, mask)
     ctx.report(node, "sparse", resolution=res.name, tile=res.tile, window=window,
                macs_per_tile=macs_per_pixel * res.tile * res.tile)
@@ -379,16 +386,15 @@ def _materialized_pad(ctx: RewriteContext, node: ir.Node, inner, p: list[int], m
     """A Pad whose output is used by other ops: gather it on the padded map's own tile grid."""
     res = _out_res(ctx, node)
     src, prologue, upsample, _, _ = ctx.gather_source(inner)
-    if upsample != 1:
-        raise Unsupported("Pad of an upsampled view")
+    # The gather's virtual map is the (upsampled) Pad input, so padding applies in its coordinates.
     vals = ctx.tile_gather(src, res, window=[res.tile] * 2, step=[res.tile] * 2, offset=[-p[2], -p[3]],
-                           pad_mode=mode, prologue=prologue, hint=f"vals::{node.outputs[0].name}")
+                           pad_mode=mode, upsample=upsample, prologue=prologue, hint=f"vals::{node.outputs[0].name}")
     h, w = ctx.shape(node.inputs[0])[2:]
     pads = [p[2], p[3], p[6], p[7]]
-    mask = ctx.masks.window(src.mask, [h, w], [1, 1], [1, 1], pads, [1, 1], [res.height, res.width])
-    if mode != "zeros" and src.mask is not None:
+    mask = ctx.masks.window(inner.mask, [h, w], [1, 1], [1, 1], pads, [1, 1], [res.height, res.width])
+    if mode != "zeros" and inner.mask is not None:
         # reflected/replicated border pixels copy interior ones: dilate by the pad width
-        mask = ctx.masks.window(src.mask, [h, w], [2 * max(pads) + 1] * 2, [1, 1],
+        mask = ctx.masks.window(inner.mask, [h, w], [2 * max(pads) + 1] * 2, [1, 1],
                                 [max(pads) + p_ for p_ in pads], [1, 1], [res.height, res.width])
     ctx.set_sparse(node.outputs[0], vals, res, mask)
     ctx.report(node, "sparse", resolution=res.name, tile=res.tile, note=f"{mode} pad")

@@ -409,3 +409,13 @@ def test_register_rejects_a_non_library(monkeypatch, tmp_path):
     monkeypatch.setenv(ort_ops.ENV_LIBRARY, str(fake))
     with pytest.raises(BackendError, match="could not load"):
         ort_ops.register(ort.SessionOptions())
+
+
+@pytest.mark.parametrize("pad_mode", ["zeros", "edge", "reflect"])
+def test_windows_lying_in_the_padding_are_valid(pad_mode):
+    """A folded Pad can grow the map: the last tiles' windows may lie wholly in the padding."""
+    rng = np.random.default_rng(21)
+    arrays = sparse_input(rng, 1, 3, 19, 14, 4, cells=[(0, 4, 3)])
+    # 1x1 conv after a pad of 2 on each side: output 23 x 18, window origin ty*4 - 2
+    arrays["coords"] = coords_of([(0, 5, 1), (0, 5, 4), (0, 0, 0), (0, 4, 3)])
+    check_gather(arrays, window=[4, 4], step=[4, 4], offset=[-2, -2], pad_mode=pad_mode)

@@ -350,10 +350,12 @@ void TileGatherKernel::Compute(OrtKernelContext* context) const {
     }
     const int64_t y0 = ty * attrs_.step[0] + attrs_.offset[0];
     const int64_t x0 = tx * attrs_.step[1] + attrs_.offset[1];
-    if (y0 >= hv || y0 + wh <= 0 || x0 >= wv || x0 + ww <= 0) {
+    // A window may lie (partly or wholly) in the padding, e.g. after a folded reflect/edge Pad that
+    // grows the map; more than one window away from the map means corrupted coords.
+    if (y0 >= hv + wh || y0 + 2 * wh <= 0 || x0 >= wv + ww || x0 + 2 * ww <= 0) {
       Fail(kOp, where() + ": the window [" + std::to_string(y0) + ", " + std::to_string(y0 + wh) + ") x [" +
                     std::to_string(x0) + ", " + std::to_string(x0 + ww) + ") lies outside the " +
-                    std::to_string(hv) + " x " + std::to_string(wv) + " (upsampled) map");
+                    std::to_string(hv) + " x " + std::to_string(wv) + " (upsampled) map by more than a window");
     }
   }
 
