@@ -81,6 +81,11 @@ class RewriteContext:
     used_initializers: set[str] = field(default_factory=set)
     _dense_of: dict[str, str] = field(default_factory=dict)
     _batch_index: dict[str, str] = field(default_factory=dict)
+    _values: dict[str, ir.Value] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._values = {v.name: v for v in self.model.graph.inputs}
+        self._values.update({out.name: out for node in self.model.graph for out in node.outputs})
 
     # ----- values -------------------------------------------------------------------------
     @property
@@ -165,7 +170,7 @@ class RewriteContext:
         """The SPARSE-graph input holding the FULL graph's value ``source`` (registered once)."""
         name = f"cache::{source}"
         if name not in self.caches:
-            value = self._value_by_name(source)
+            value = self.value_by_name(source)
             shape = list(self.shape(value))
             elem = value.dtype.value if value.dtype is not None else onnx.TensorProto.FLOAT
             self.caches[name] = CacheSpec(name, source, shape, onnx.helper.tensor_dtype_to_np_dtype(elem).name,
@@ -180,14 +185,9 @@ class RewriteContext:
             self.builder.add_input(name, onnx.TensorProto.FLOAT, shape)
         return name
 
-    def _value_by_name(self, name: str) -> ir.Value:
-        if not hasattr(self, "_values"):
-            values: dict[str, ir.Value] = {v.name: v for v in self.model.graph.inputs}
-            for node in self.model.graph:
-                for out in node.outputs:
-                    values[out.name] = out
-            self._values = values  # type: ignore[attr-defined]
-        return self._values[name]  # type: ignore[attr-defined]
+    def value_by_name(self, name: str) -> ir.Value:
+        """The original model's value called ``name``."""
+        return self._values[name]
 
     # ----- conversions -----------------------------------------------------------------------
     def gather_source(self, form: Form) -> tuple[Sparse | Dense, Prologue | None, int, tuple[int, int, int, int], str]:

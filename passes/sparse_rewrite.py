@@ -271,7 +271,7 @@ def _full_graph(model_proto: onnx.ModelProto, ctx: RewriteContext, opset: int) -
         if request.x in done or request.scale_cache not in ctx.caches:
             continue
         done.add(request.x)
-        add_norm_statistics(builder, request, ctx.batch, ctx.shape(ctx._value_by_name(request.x)), opset)
+        add_norm_statistics(builder, request, ctx.batch, ctx.shape(ctx.value_by_name(request.x)), opset)
     graph.node.extend(builder.nodes)
     graph.output.extend(builder.outputs)
     for name, array in builder.constants.items():

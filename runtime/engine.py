@@ -49,7 +49,7 @@ import numpy as np
 
 from sigec.errors import BackendError, CacheError, InputError, SigecError
 from sigec.runtime import costs
-from sigec.runtime.mask_program import TileIndex, run_instructions, run_mask_program
+from sigec.runtime.mask_program import TileIndex, dilate, normalize_mask, run_mask_program
 from sigec.runtime.tiles import scatter_tiles_inplace
 
 DEFAULT_KEY = "default"
@@ -484,25 +484,7 @@ class Engine:
                                  f"(e.g. a timestep) select the cache: prime a key with this value")
 
     def _normalize_mask(self, mask: np.ndarray) -> np.ndarray:
-        h, w = self.manifest["mask_program"]["input_size"]
-        batch = int(self.manifest.get("batch", 1))
-        try:
-            m = np.asarray(mask)
-        except Exception as exc:
-            raise InputError(f"mask is not an array: {exc}") from exc
-        if m.dtype != bool:
-            if m.dtype.kind in "iu" and m.size and np.isin(m, (0, 1)).all():
-                m = m.astype(bool)
-            elif m.dtype.kind in "iu":
-                raise InputError(f"mask must be boolean (or integers 0/1), got dtype {m.dtype} with other values")
-            else:
-                raise InputError(f"mask must be a boolean array, got dtype {m.dtype}")
-        if m.shape == (h, w):
-            m = np.broadcast_to(m, (batch, h, w))
-        elif m.shape != (batch, h, w):
-            raise InputError(f"mask has shape {list(m.shape)}, expected [{h}, {w}] or [{batch}, {h}, {w}] "
-                             f"(the size of the spatial input)")
-        return np.asarray(m, order="C")
+        return normalize_mask(mask, self.manifest["mask_program"]["input_size"], int(self.manifest.get("batch", 1)))
 
     def _pixel_mask(self, feeds: Mapping[str, np.ndarray], entry: CacheEntry, mask: np.ndarray | None,
                     threshold: float | None, dilation: int | None) -> np.ndarray:
@@ -517,7 +499,7 @@ class Engine:
                 pixel = diff if pixel is None else pixel | diff
         radius = int(program["dilation"] if dilation is None else dilation)
         if radius > 0:
-            pixel = run_instructions([{"op": "dilate", "src": "input", "radius": radius, "out": "d"}], pixel)["d"]
+            pixel = dilate(pixel, radius)
         return pixel
 
     # ----- execution --------------------------------------------------------------------------
@@ -544,7 +526,7 @@ class Engine:
         return results
 
     def _fractions(self, tiles: Mapping[str, TileIndex]) -> dict[str, float]:
-        return {name: t.count / max(t.grid.size, 1) for name, t in tiles.items()}
+        return {name: t.fraction for name, t in tiles.items()}
 
     def _tile_feeds(self, tiles: Mapping[str, TileIndex]) -> dict[str, np.ndarray]:
         feeds = {}

@@ -38,6 +38,11 @@ class TileIndex:
         """Number of active tiles."""
         return int(self.coords.shape[0])
 
+    @property
+    def fraction(self) -> float:
+        """Active tiles over all tiles of the grid."""
+        return self.count / max(self.grid.size, 1)
+
 
 def _window_any(mask: np.ndarray, kernel: Sequence[int], stride: Sequence[int], pads: Sequence[int],
                 dilation: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -101,7 +106,8 @@ def _resample_axis(mask: np.ndarray, axis: int, size: int) -> np.ndarray:
     return np.moveaxis(counts > 0, -1, axis)
 
 
-def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Square dilation of a ``[B, H, W]`` mask by ``radius`` pixels."""
     if radius <= 0:
         return mask
     k = 2 * radius + 1
@@ -125,7 +131,7 @@ def run_instructions(instructions: Sequence[Mapping[str, Any]], pixel_mask: np.n
             fy, fx = ins["factor"]
             result = masks[ins["src"]].repeat(fy, axis=1).repeat(fx, axis=2)[:, :ins["size"][0], :ins["size"][1]]
         elif op == "dilate":
-            result = _dilate(masks[ins["src"]], int(ins["radius"]))
+            result = dilate(masks[ins["src"]], int(ins["radius"]))
         elif op == "resample":
             result = _resample_axis(_resample_axis(masks[ins["src"]], 1, ins["size"][0]), 2, ins["size"][1])
         elif op == "union":
@@ -135,6 +141,33 @@ def run_instructions(instructions: Sequence[Mapping[str, Any]], pixel_mask: np.n
             raise ValueError(f"unknown mask instruction {op!r}")
         masks[ins["out"]] = result
     return masks
+
+
+def normalize_mask(mask: Any, input_size: Sequence[int], batch: int) -> np.ndarray:
+    """A user mask as a C-contiguous boolean ``[B, H, W]`` array (``[H, W]`` is shared by the batch).
+
+    Accepts booleans or integers 0/1; anything else raises ``InputError`` naming the problem.
+    """
+    from sigec.errors import InputError
+
+    h, w = (int(v) for v in input_size)
+    try:
+        m = np.asarray(mask)
+    except Exception as exc:
+        raise InputError(f"mask is not an array: {exc}") from exc
+    if m.dtype != bool:
+        if m.dtype.kind in "iu" and m.size and np.isin(m, (0, 1)).all():
+            m = m.astype(bool)
+        elif m.dtype.kind in "iu":
+            raise InputError(f"mask must be boolean (or integers 0/1), got dtype {m.dtype} with other values")
+        else:
+            raise InputError(f"mask must be a boolean array, got dtype {m.dtype}")
+    if m.shape == (h, w):
+        m = np.broadcast_to(m, (batch, h, w))
+    elif m.shape != (batch, h, w):
+        raise InputError(f"mask has shape {list(m.shape)}, expected [{h}, {w}] or [{batch}, {h}, {w}] "
+                         f"(the size of the spatial input)")
+    return np.asarray(m, order="C")
 
 
 def tile_index(mask: np.ndarray, tile: int) -> TileIndex:

@@ -100,7 +100,7 @@ def measure(engine: Engine, original: Mapping[str, np.ndarray], edits: Sequence[
             dense_macs = engine._dense_macs()
             rows.append(BenchRow(edit=edit, dense_ms=statistics.median(dense_t), sparse_ms=statistics.median(sparse_t),
                                  mac_reduction=dense_macs / max(executed, 1), rel_l2=err, psnr=psnr, path=stats.path,
-                                 active_fraction={k: t.count / max(t.grid.size, 1) for k, t in tiles.items()}))
+                                 active_fraction={k: t.fraction for k, t in tiles.items()}))
     return rows
 
 

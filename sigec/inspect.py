@@ -9,20 +9,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from sigec.errors import InputError
 from sigec.runtime import costs
-from sigec.runtime.mask_program import run_mask_program
+from sigec.runtime.mask_program import normalize_mask, run_mask_program
 
 
 def _normalize_mask(manifest: dict[str, Any], mask: np.ndarray) -> np.ndarray:
-    h, w = manifest["mask_program"]["input_size"]
-    batch = int(manifest.get("batch", 1))
-    m = np.asarray(mask).astype(bool)
-    if m.shape == (h, w):
-        return np.broadcast_to(m, (batch, h, w)).copy()
-    if m.shape == (batch, h, w):
-        return m
-    raise InputError(f"mask has shape {list(m.shape)}, expected [{h}, {w}] (the spatial input's size)")
+    return normalize_mask(mask, manifest["mask_program"]["input_size"], int(manifest.get("batch", 1)))
 
 
 def report(manifest: dict[str, Any], mask: np.ndarray | None = None) -> dict[str, Any]:
@@ -47,7 +39,7 @@ def report(manifest: dict[str, Any], mask: np.ndarray | None = None) -> dict[str
         out["mask"] = {
             "edited_fraction": float(np.asarray(mask).astype(bool).mean()),
             "active_tiles": {k: t.count for k, t in tiles.items()},
-            "active_fraction": {k: t.count / max(t.grid.size, 1) for k, t in tiles.items()},
+            "active_fraction": {k: t.fraction for k, t in tiles.items()},
             "executed_macs": executed,
             "mac_reduction": out["dense_macs"] / max(executed, 1),
         }

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sigec.zoo.weights import calibrate_batchnorm, randomize_batchnorm_affine, seeded
+from sigec.zoo.weights import seeded, with_random_image
 
 
 def _conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Sequential:
@@ -64,9 +64,4 @@ def tiny_local(
         raise ValueError(f"tiny_local needs an even size, got {size}")
     with seeded(seed):
         model = TinyLocalGenerator(channels=channels)
-        generator = torch.Generator().manual_seed(seed)
-        image = torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
-        randomize_batchnorm_affine(model, generator)
-        inputs = {"image": image}
-        calibrate_batchnorm(model, inputs)
-    return model.eval(), inputs
+        return with_random_image(model, batch=batch, size=size, seed=seed)

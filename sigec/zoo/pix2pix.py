@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from sigec.zoo.weights import calibrate_batchnorm, randomize_batchnorm_affine, seeded
+from sigec.zoo.weights import seeded, with_random_image
 
 
 def _norm_factory(norm: str) -> Callable[[int], nn.Module]:
@@ -80,9 +80,4 @@ def resnet9(
         raise ValueError(f"resnet9 needs a size that is a multiple of 4, got {size}")
     with seeded(seed):
         model = ResnetGenerator(ngf=ngf, norm=norm)
-        generator = torch.Generator().manual_seed(seed)
-        image = torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
-        randomize_batchnorm_affine(model, generator)
-    inputs = {"image": image}
-    calibrate_batchnorm(model, inputs)
-    return model.eval(), inputs
+        return with_random_image(model, batch=batch, size=size, seed=seed)

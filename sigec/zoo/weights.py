@@ -52,3 +52,14 @@ def calibrate_batchnorm(module: nn.Module, inputs: Mapping[str, torch.Tensor]) -
         for bn, momentum in zip(norms, momenta):
             bn.momentum = momentum
         module.eval()
+
+
+def with_random_image(model: nn.Module, *, batch: int, size: int, seed: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Give ``model`` (built under :func:`seeded`) a random image input in [-1, 1], random BatchNorm
+    affine parameters and calibrated statistics; return ``(model.eval(), {"image": ...})``."""
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
+    randomize_batchnorm_affine(model, generator)
+    inputs = {"image": image}
+    calibrate_batchnorm(model, inputs)
+    return model.eval(), inputs
