@@ -71,6 +71,7 @@ class RewriteContext:
     tile_size: int | dict[str, int]
     builder: GraphBuilder
     masks: MaskProgramBuilder
+    dense_resolutions: frozenset[str] = frozenset()
     forms: dict[str, Form] = field(default_factory=dict)
     resolutions: dict[tuple[int, int], Resolution] = field(default_factory=dict)
     res_masks: dict[str, list[str | None]] = field(default_factory=dict)
@@ -133,6 +134,15 @@ class RewriteContext:
             self.resolutions[key] = Resolution(height, width, tile)
             self.res_masks[self.resolutions[key].name] = []
         return self.resolutions[key]
+
+    def dense_resolution_of(self, node: ir.Node) -> str | None:
+        """The name of the resolution forced dense (``dense_resolutions``) that one of the node's
+        spatial outputs lies on, or None."""
+        for out in node.outputs:
+            s = static_shape(out)
+            if s is not None and self.is_spatial(out) and f"r{s[2]}x{s[3]}" in self.dense_resolutions:
+                return f"r{s[2]}x{s[3]}"
+        return None
 
     def res_of(self, value: ir.Value) -> Resolution:
         """The resolution of a spatial value."""

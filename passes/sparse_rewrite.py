@@ -11,17 +11,22 @@ Rewrite rules (per node of the canonical model, in topological order):
    ops, channel concat, BatchNorm) is computed on the active tiles of its output's resolution.
 4. In approx mode, group and instance normalisation use statistics frozen from the FULL run (a
    per-channel affine on tiles, fused into the next gather).
-5. Any other node (attention, global pooling, reductions, reshapes) is a *dense island*: its
+5. In approx mode, a node with a rule whose output lies on a resolution listed in
+   ``dense_resolutions`` runs dense on the full map (its sparse inputs scattered into their cached
+   originals); group normalisation there uses its true statistics. Higher resolutions read such
+   maps on their active tiles. Small, fully active maps run faster dense than as stacked tiles.
+6. Any other node (attention, global pooling, reductions, reshapes) is a *dense island*: its
    sparse inputs are scattered into full maps and it runs unchanged. In exact mode everything
    downstream of an island is dense too (exactness is kept); in approx mode downstream tiles read
    the island's output only on active tiles (recorded as an approximation).
-6. A node that fits none of the above is unsupported: a CompileError lists all such nodes, unless
+7. A node that fits none of the above is unsupported: a CompileError lists all such nodes, unless
    ``fallback="dense"`` makes them dense islands.
-7. Model outputs that are sparse are scattered into their cached original (the one full-size write).
+8. Model outputs that are sparse are scattered into their cached original (the one full-size write).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,13 +97,13 @@ def _copy_node(ctx: RewriteContext, node: ir.Node, input_names: list[str | None]
     ctx.builder.nodes.append(proto)
 
 
-def _dense_rule(ctx: RewriteContext, node: ir.Node, kind: str, note: str) -> None:
+def _dense_rule(ctx: RewriteContext, node: ir.Node, kind: str, note: str, resolution: str | None = None) -> None:
     names = [None if v is None else ctx.to_dense(v) for v in node.inputs]
     _copy_node(ctx, node, names)
     for out in node.outputs:
         if out.name:
             ctx.forms[out.name] = Dense(out.name, None)
-    ctx.report(node, kind, dense_macs=dense_macs(node), note=note)
+    ctx.report(node, kind, dense_macs=dense_macs(node), note=note, **({"resolution": resolution} if resolution else {}))
 
 
 def _norm_rule(ctx: RewriteContext, match: NormMatch) -> None:
@@ -157,7 +162,7 @@ def _rewrite_nodes(ctx: RewriteContext, model: ir.Model, fallback: str) -> None:
     unsupported: list[str] = []
     for node in model.graph:
         if node in norms:
-            if ctx.is_edit_dependent(norms[node].x):
+            if ctx.is_edit_dependent(norms[node].x) and ctx.dense_resolution_of(norms[node].y.producer()) is None:
                 _norm_rule(ctx, norms[node])
                 continue
             claimed -= set(norms[node].nodes)
@@ -191,6 +196,10 @@ def _rewrite_nodes(ctx: RewriteContext, model: ir.Model, fallback: str) -> None:
             # Only island values in, and no feature map of a resolution the edit reaches out (e.g.
             # [B, heads, tokens, dim] tensors inside attention): the island continues.
             _dense_rule(ctx, node, "dense", "inside a dense island")
+            continue
+        forced = ctx.dense_resolution_of(node) if rule is not None else None
+        if forced is not None:
+            _dense_rule(ctx, node, "dense", f"resolution {forced} runs dense (dense_resolutions)", forced)
             continue
         if rule is not None:
             try:
@@ -280,16 +289,27 @@ def _full_graph(model_proto: onnx.ModelProto, ctx: RewriteContext, opset: int) -
 
 
 def rewrite(model: ir.Model, *, mode: str = "approx", tile_size: int | dict[str, int] = 8, fallback: str = "error",
-            threshold: float = 0.0, dilation: int = 0, approx_dilation: int = 1) -> RewriteResult:
-    """Rewrite a canonical model into FULL, SPARSE and DENSE graphs plus manifest fields."""
+            threshold: float = 0.0, dilation: int = 0, approx_dilation: int = 1,
+            dense_resolutions: tuple[str, ...] = ()) -> RewriteResult:
+    """Rewrite a canonical model into FULL, SPARSE and DENSE graphs plus manifest fields.
+
+    ``dense_resolutions`` (approx mode): resolution names such as ``"r8x8"`` whose nodes run dense.
+    """
     if mode not in ("exact", "approx"):
         raise CompileError(f"mode must be 'exact' or 'approx', not {mode!r}")
     if fallback not in ("error", "dense"):
         raise CompileError(f"fallback must be 'error' or 'dense', not {fallback!r}")
     spatial, batch, size = _spatial_inputs(model)
+    if dense_resolutions and mode != "approx":
+        raise CompileError("dense_resolutions needs mode='approx' (in exact mode everything downstream of a "
+                           "dense map would run dense)")
+    for name in dense_resolutions:
+        if not re.fullmatch(r"r\d+x\d+", str(name)):
+            raise CompileError(f"dense resolution {name!r} is not a resolution name like 'r16x16'")
     model_proto = ir.serde.serialize_model(model)
     reserved = [v.name for v in model.graph.inputs] + [v.name for n in model.graph for v in n.outputs]
     ctx = RewriteContext(model=model, mode=mode, batch=batch, tile_size=tile_size,
+                         dense_resolutions=frozenset(dense_resolutions),
                          builder=GraphBuilder(reserved_names=reserved), masks=MaskProgramBuilder(mode == "exact", size))
     _rewrite_nodes(ctx, model, fallback)
     _emit_outputs(ctx, model)

@@ -7,6 +7,7 @@ the sessions), the PyTorch reference executor receives them as tensors.
 
 from __future__ import annotations
 
+import os
 from typing import Mapping, Protocol, Sequence
 
 import numpy as np
@@ -14,7 +15,7 @@ import onnx
 
 from sigec.errors import BackendError
 
-BACKENDS = ("ort", "torch")
+BACKENDS = ("ort", "torch", "tensorrt")
 
 
 class GraphRunner(Protocol):
@@ -27,6 +28,7 @@ class GraphRunner(Protocol):
 
 
 SMALL_WEIGHT_BYTES = 4096
+OPTIMIZED_SUFFIX = "_optimized.onnx"  # written next to a profile: the graph after ONNX Runtime's optimisations
 
 
 def _declare_external_weights(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]) -> list[str]:
@@ -70,6 +72,11 @@ class OrtRunner:
         if profile_prefix:
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix
+            # The graph ONNX Runtime actually runs (layout reorders included), to attribute kernel times.
+            options.optimized_model_filepath = profile_prefix + OPTIMIZED_SUFFIX
+            options.log_severity_level = 3  # the saved graph is machine-specific: expected, not worth a warning
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                             os.path.basename(profile_prefix) + OPTIMIZED_SUFFIX + ".data")
         if any(n.domain == "ai.sigec" for n in model.graph.node):
             ort_ops.register(options)
         for name in names:
@@ -111,8 +118,17 @@ class TorchRunner:
 
 def make_runners(backend: str, graphs: Mapping[str, onnx.ModelProto], weights: Mapping[str, np.ndarray], *,
                  threads: int | None = None, device: str = "cpu",
-                 profile: Mapping[str, str] | None = None) -> dict[str, GraphRunner]:
-    """One runner per graph name, sharing one copy of the weights (``profile``: graph -> ORT profile prefix)."""
+                 profile: Mapping[str, str] | None = None, manifest: Mapping[str, object] | None = None,
+                 blobs: Mapping[str, bytes] | None = None, precision: str | None = None) -> dict[str, GraphRunner]:
+    """One runner per graph name, sharing one copy of the weights (``profile``: graph -> ORT profile prefix).
+
+    ``tensorrt`` runs the engine file's plans (``manifest`` and ``blobs`` of the engine file; ``precision``
+    picks fp32 or fp16 plans) instead of the graphs.
+    """
+    if backend == "tensorrt":
+        from sigec.runtime.tensorrt_runner import make_tensorrt_runners
+
+        return make_tensorrt_runners(manifest or {}, blobs or {}, list(graphs), precision=precision, device=device)
     if backend == "ort":
         shared: dict[str, object] = {}
         return {name: OrtRunner(g, weights, threads=threads, weight_values=shared,

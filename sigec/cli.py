@@ -1,4 +1,4 @@
-"""The ``sigec`` command line: compile, inspect, run, demo, bench."""
+"""The ``sigec`` command line: compile, inspect, run, build-trt, demo, bench."""
 
 from __future__ import annotations
 
@@ -75,7 +75,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     shapes = dict(args.input_shape or [])
     path = sigec.compile(args.model, args.output, mode=args.mode, backend=args.backend, tile_size=args.tile_size,
                          input_shapes=shapes or None, fallback=args.fallback, threshold=args.threshold,
-                         dilation=args.dilation, opset=args.opset, progress=not args.quiet)
+                         dilation=args.dilation, opset=args.opset, progress=not args.quiet,
+                         dense_resolutions=args.dense_resolutions, autotune=args.autotune,
+                         autotune_edits=args.autotune_edits, autotune_threads=args.autotune_threads)
     from sigec.engine_file import read_manifest
 
     manifest = read_manifest(path)
@@ -154,6 +156,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_trt(args: argparse.Namespace) -> int:
+    from sigec.runtime.tensorrt_build import build_engine_file
+
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    path = build_engine_file(args.engine, args.output, precisions=precisions)
+    print(f"wrote {path}: TensorRT plans ({', '.join(precisions)}) for the FULL, SPARSE and DENSE graphs")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``sigec`` command."""
     parser = argparse.ArgumentParser(prog="sigec", description="Compile image generators for incremental inference.")
@@ -172,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threshold", type=float, default=None, help="default change threshold for automatic masks")
     c.add_argument("--dilation", type=int, default=None, help="default dilation of automatic masks (pixels)")
     c.add_argument("--opset", type=int, default=18, help="ONNX opset for PyTorch export")
+    c.add_argument("--dense-resolutions", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
+                   metavar="r8x8,r16x16", help="approx mode: resolutions that run dense (small maps most edits fill)")
+    c.add_argument("--autotune", action="store_true",
+                   help="measure tile sizes (and dense execution) per resolution on this machine and keep the fastest")
+    c.add_argument("--autotune-edits", type=lambda t: tuple(float(x) for x in t.split(",") if x), default=None,
+                   metavar="0.012,0.05,0.2", help="edit sizes (fractions of the image) the autotuning measures")
+    c.add_argument("--autotune-threads", type=int, default=None,
+                   help="ONNX Runtime threads while autotuning (default: ONNX Runtime's own choice)")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
 
@@ -189,9 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--input", action="append", help="other (non-spatial) inputs: NAME=FILE.npy")
     r.add_argument("--mask", help="explicit mask file (default: computed from the difference)")
     r.add_argument("-o", "--output", help="write the first output (.npy, or .png for images)")
-    r.add_argument("--backend", choices=["ort", "torch"], default=None)
+    r.add_argument("--backend", choices=["ort", "torch", "tensorrt"], default=None)
     r.add_argument("--threads", type=int, default=None)
     r.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("build-trt", help="add TensorRT plans to an engine file (on the GPU that will run them)")
+    t.add_argument("engine")
+    t.add_argument("-o", "--output", default=None, help="engine file to write (default: replace ENGINE atomically)")
+    t.add_argument("--precision", default="fp32,fp16", help="comma-separated: fp32, fp16 (default both)")
+    t.set_defaults(func=cmd_build_trt)
 
     d = sub.add_parser("demo", help="compile and run a built-in small generator, end to end")
     d.add_argument("--out", default="out/demo", help="folder for the engine, the picture and the report")
@@ -204,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--edits", default="0.012,0.05,0.1,0.2,0.5,1.0", help="edited fractions of the image")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--threads", type=int, default=2)
-    b.add_argument("--backend", choices=["ort", "torch"], default=None)
+    b.add_argument("--backend", choices=["ort", "torch", "tensorrt"], default=None)
     b.set_defaults(func=cmd_bench)
     return parser
 

@@ -57,7 +57,9 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
             backend: str = "ort", tile_size: int | Mapping[str, int] | None = None,
             input_shapes: Mapping[str, Sequence[int]] | None = None, fallback: str = "error",
             threshold: float | None = None, dilation: int | None = None, approx_dilation: int = 1,
-            dense_fallback_fraction: float = 0.6, opset: int = 18, progress: bool = False) -> pathlib.Path:
+            dense_fallback_fraction: float = 0.6, opset: int = 18, dense_resolutions: Sequence[str] = (),
+            autotune: bool = False, autotune_edits: Sequence[float] | None = None,
+            autotune_threads: int | None = None, progress: bool = False) -> pathlib.Path:
     """Compile a model (an .onnx path, an ``onnx.ModelProto``, an ``nn.Module`` or a ``pkg.module:factory``
     spec) into an engine file at ``output_path`` and return its path.
 
@@ -65,7 +67,11 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
     (SIGE-compatible masks and frozen normalisation statistics). ``tile_size`` is one int for every
     resolution or a mapping ``{"r64x64": 8, "default": 8}``. ``fallback="dense"`` keeps unsupported
     nodes dense instead of failing. ``threshold`` and ``dilation`` set the default change-detection
-    for ``Engine.run(mask=None)``.
+    for ``Engine.run(mask=None)``. ``dense_resolutions`` (approx mode) lists resolutions such as
+    ``"r8x8"`` that run dense: small maps that most edits activate entirely run faster dense.
+    ``autotune=True`` chooses the tile size or dense execution of every resolution by measuring
+    candidates on this machine (``sigec.autotune``; edits ``autotune_edits``, ONNX Runtime with
+    ``autotune_threads`` threads) and records the measurements in the manifest.
     """
     from sigec import __version__
     from sigec.engine_file import EngineContents, write_engine
@@ -77,7 +83,11 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
     if backend not in BACKENDS:
         raise CompileError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend == "tensorrt":
-        raise CompileError("the TensorRT backend is not available in this build (see README: GPU status)")
+        from sigec.runtime.tensorrt_build import missing_requirements, unavailable_message
+
+        problems = missing_requirements()
+        if problems:
+            raise CompileError(unavailable_message(problems))
     tiles: int | dict[str, int] = DEFAULT_TILE_SIZE if tile_size is None else (
         dict(tile_size) if isinstance(tile_size, Mapping) else int(tile_size))
     for t in (tiles.values() if isinstance(tiles, dict) else [tiles]):
@@ -87,15 +97,41 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
     with steps.step("frontend"):
         proto_or_path = _source_to_proto(source, inputs, opset)
         model = load_onnx(proto_or_path, input_shapes)
+    autotune_record = None
+    if autotune:
+        if tile_size is not None or dense_resolutions:
+            raise CompileError("autotune chooses the tile sizes and dense resolutions itself: "
+                               "do not pass tile_size or dense_resolutions with it")
+        from sigec import autotune as tuner
+
+        def compile_candidate(path: pathlib.Path, plan: tuner.Plan) -> pathlib.Path:
+            steps.log(f"autotune: compiling tile sizes {plan.tile_size}, dense {plan.dense_resolutions or 'none'}")
+            return compile(proto_or_path, path, mode=mode, tile_size=plan.tile_size, input_shapes=input_shapes,
+                           fallback=fallback, threshold=threshold, dilation=dilation, approx_dilation=approx_dilation,
+                           opset=opset, dense_resolutions=plan.dense_resolutions)
+
+        with steps.step("autotune"):
+            tuned = tuner.tune(compile_candidate, mode=mode, edits=autotune_edits or tuner.DEFAULT_EDITS,
+                               threads=autotune_threads, log=steps.log)
+        tiles, dense_resolutions, autotune_record = tuned.plan.tile_size, tuned.plan.dense_resolutions, tuned.record
     with steps.step("sparse rewrite"):
         result = rewrite(model, mode=mode, tile_size=tiles, fallback=fallback,
                          threshold=DEFAULT_THRESHOLD[mode] if threshold is None else float(threshold),
                          dilation=DEFAULT_DILATION[mode] if dilation is None else int(dilation),
-                         approx_dilation=approx_dilation)
-    with steps.step("write engine"):
+                         approx_dilation=approx_dilation, dense_resolutions=tuple(dense_resolutions))
+    with steps.step("pack graphs"):
         graphs, weights = _split_weights({"full": result.full, "sparse": result.sparse, "dense": result.dense})
         manifest = {**result.manifest, "sigec_version": __version__, "backend": backend,
                     "options": {"tile_size": tiles, "fallback": fallback, "approx_dilation": approx_dilation,
-                                "dense_fallback_fraction": float(dense_fallback_fraction), "opset": opset}}
-        path = write_engine(output_path, EngineContents(manifest=manifest, graphs=graphs, weights=weights))
+                                "dense_fallback_fraction": float(dense_fallback_fraction), "opset": opset,
+                                "dense_resolutions": list(dense_resolutions),
+                                **({"autotune": autotune_record} if autotune_record else {})}}
+        contents = EngineContents(manifest=manifest, graphs=graphs, weights=weights)
+    if backend == "tensorrt":
+        from sigec.runtime.tensorrt_build import build_plans, with_plans
+
+        with steps.step("TensorRT plans"):
+            contents = with_plans(contents, *build_plans(contents))
+    with steps.step("write engine"):
+        path = write_engine(output_path, contents)
     return pathlib.Path(path)

@@ -5,8 +5,9 @@ The schema language is a tiny subset of JSON Schema, so the same data could be f
 ``items``, ``minItems``, ``maxItems``, ``properties``, ``required`` and ``additionalProperties``
 (a schema for the values of unlisted keys; unlisted keys are allowed by default).
 
-To add a manifest field, add one entry to ``MANIFEST_FIELDS``; the storage fields that
-``sigec.engine_file`` writes itself live in ``STORAGE_FIELDS``.
+To add a manifest field, add one entry to ``MANIFEST_FIELDS`` (required) or ``OPTIONAL_FIELDS``
+(validated when present); the storage fields that ``sigec.engine_file`` writes itself live in
+``STORAGE_FIELDS``.
 """
 
 from __future__ import annotations
@@ -88,8 +89,30 @@ STORAGE_FIELDS: dict[str, Schema] = {
     ),
 }
 
-MANIFEST_SCHEMA: Schema = record(**MANIFEST_FIELDS)
-STORED_MANIFEST_SCHEMA: Schema = record(**MANIFEST_FIELDS, **STORAGE_FIELDS)
+PROFILE = record(input=STRING, min=SHAPE, opt=SHAPE, max=SHAPE)
+
+# Optional sections: validated when present.
+OPTIONAL_FIELDS: dict[str, Schema] = {
+    # TensorRT plans stored as blobs (sigec.runtime.tensorrt_build).
+    "tensorrt": record(
+        tensorrt_version=STRING,
+        device=record(name=STRING, compute_capability=array_of(NON_NEGATIVE_INTEGER, length=2)),
+        precisions={**array_of(one_of("fp32", "fp16")), "minItems": 1},
+        plugin_namespace=STRING,
+        plans={**array_of(record(graph=one_of("full", "sparse", "dense"), precision=one_of("fp32", "fp16"),
+                                 blob={"type": "string", "pattern": "tensorrt/[a-z]+_fp(32|16)\\.plan"},
+                                 bytes=POSITIVE_INTEGER, sha256=SHA256_HEX, profiles=array_of(PROFILE))),
+               "minItems": 1},
+    ),
+}
+
+
+def _with_optional(schema: Schema) -> Schema:
+    return {**schema, "properties": {**schema["properties"], **OPTIONAL_FIELDS}}
+
+
+MANIFEST_SCHEMA: Schema = _with_optional(record(**MANIFEST_FIELDS))
+STORED_MANIFEST_SCHEMA: Schema = _with_optional(record(**MANIFEST_FIELDS, **STORAGE_FIELDS))
 
 
 class ManifestSchemaError(EngineFileError):

@@ -28,3 +28,8 @@ class Steps:
         with self._console.status(f"{name}..."):
             yield
         self._console.print(f"[green]done[/green] {name} ({time.perf_counter() - start:.1f} s)")
+
+    def log(self, message: str) -> None:
+        """A line of progress inside a step (shown only when enabled)."""
+        if self._console is not None:
+            self._console.print(f"  {message}")

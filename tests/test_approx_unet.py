@@ -49,3 +49,40 @@ def test_approx_engine_reports_its_approximations(unet_engine):
     details = " ".join(a["detail"] for a in approximations)
     assert "frozen" in details
     assert any(n["kind"] == "dense" for n in unet_engine.manifest["nodes"]), "attention must be a dense island"
+
+
+def test_dense_resolutions_run_dense_and_stay_accurate(small_unet_onnx):
+    """Nodes on a resolution listed in ``dense_resolutions`` run dense (GroupNorm with its true
+    statistics); the result stays as close to dense as the all-sparse engine's."""
+    proto = onnx.load(small_unet_onnx)
+    sparse_everywhere = engine_from_proto(proto, mode="approx")
+    low_res_dense = engine_from_proto(proto, mode="approx", dense_resolutions=("r8x8",))
+    for engine in (sparse_everywhere, low_res_dense):
+        engine.dense_fallback_fraction = 2.0
+    forced = [n for n in low_res_dense.manifest["nodes"] if "dense_resolutions" in (n.get("note") or "")]
+    assert forced and all(n["kind"] == "dense" for n in forced)
+    assert not any(n.get("resolution") == "r8x8" and n["kind"] in ("sparse", "approx")
+                   for n in low_res_dense.manifest["nodes"])
+    assert "r8x8" not in {r["name"] for r in low_res_dense.manifest["resolutions"]}
+    assert any(n.get("resolution") == "r8x8" for n in sparse_everywhere.manifest["nodes"]), "the UNet reaches 8x8"
+
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
+    x1 = _edit(x0, 4, rng)
+    errors = {}
+    for name, engine in (("sparse", sparse_everywhere), ("low-res dense", low_res_dense)):
+        engine.prime({"x": x0})
+        errors[name] = rel_l2(engine.run({"x": x1})[0], engine.run_dense({"x": x1})[0])
+    assert errors["low-res dense"] <= ERROR_BOUNDS[4], errors
+    assert errors["low-res dense"] <= errors["sparse"] * 1.1 + 1e-4, errors
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"mode": "exact", "dense_resolutions": ("r8x8",)}, "needs mode='approx'"),
+    ({"mode": "approx", "dense_resolutions": ("8x8",)}, "not a resolution name"),
+])
+def test_dense_resolutions_are_checked(small_unet_onnx, options, message):
+    from sigec.errors import CompileError
+
+    with pytest.raises(CompileError, match=message):
+        engine_from_proto(onnx.load(small_unet_onnx), **options)

@@ -76,3 +76,21 @@ def test_bench_command_prints_a_table(tiny):
     sigec_cli("compile", tiny / "tiny.onnx", "-o", tiny / "bench.sigec", "--mode", "exact", "-q")
     out = sigec_cli("bench", tiny / "bench.sigec", "--edits", "0.05,1.0", "--repeats", "1").stdout
     assert "| 5.0% |" in out and "| 100.0% |" in out
+
+
+def test_compile_autotune_and_dense_resolutions_flags(tiny):
+    sigec_cli("compile", tiny / "tiny.onnx", "-o", tiny / "tuned.sigec", "--mode", "approx", "--autotune",
+              "--autotune-edits", "0.1", "--autotune-threads", "1", "-q")
+    from sigec.engine_file import read_manifest
+
+    options = read_manifest(tiny / "tuned.sigec")["options"]
+    assert options["autotune"]["edits"] == [0.1] and options["tile_size"] == options["autotune"]["plan"]["tile_size"]
+    sigec_cli("compile", tiny / "tiny.onnx", "-o", tiny / "plain.sigec", "-q")
+    resolution = read_manifest(tiny / "plain.sigec")["resolutions"][-1]["name"]
+    sigec_cli("compile", tiny / "tiny.onnx", "-o", tiny / "dres.sigec", "--dense-resolutions", resolution, "-q")
+    manifest = read_manifest(tiny / "dres.sigec")
+    assert manifest["options"]["dense_resolutions"] == [resolution]
+    assert resolution not in {r["name"] for r in manifest["resolutions"]}
+    refused = sigec_cli("compile", tiny / "tiny.onnx", "-o", tiny / "x.sigec", "--mode", "exact",
+                        "--dense-resolutions", resolution, check=False)
+    assert refused.returncode == 2 and "needs mode='approx'" in refused.stderr

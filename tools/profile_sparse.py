@@ -1,74 +1,65 @@
-"""Where the time of a sparse run goes: ONNX Runtime's profiler, aggregated per op type.
+"""Where the time of a sparse run goes: ONNX Runtime's profiler, per op type and per resolution.
 
 Usage: python tools/profile_sparse.py ENGINE [--edit 0.012] [--runs 3] [--threads 2]
-Prints a markdown table (op type, total ms per run, share, node count) for the SPARSE graph, and the
-same for the DENSE graph for comparison.
+
+Prints markdown tables: kernel time per op type for the SPARSE and the DENSE graph, and per
+resolution: active fraction, sparse and dense kernel time, and the *area efficiency*
+(dense ms x active fraction / sparse ms: 1.0 means the resolution's sparse work costs exactly its
+share of the dense work; below 1, gathers, halos and small-tile convolutions cost extra).
+Attribution rules: ``sigec.runtime.profiling``.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
-import json
-import os
-import tempfile
 
-import numpy as np
-import onnx
-
-from sigec.bench import edit_inputs, square_mask
-from sigec.engine_file import read_engine
-from sigec.runtime.backends import make_runners
-from sigec.runtime.engine import Engine
+from sigec.runtime.profiling import OTHER, EngineProfile, GraphProfile, profile_engine
 
 
-def aggregate(profile_path: str, runs: int) -> list[tuple[str, float, int]]:
-    """(op type, ms per run, node count) sorted by time, from an ORT profile JSON."""
-    events = json.load(open(profile_path))
-    total: dict[str, float] = collections.defaultdict(float)
-    nodes: dict[str, set] = collections.defaultdict(set)
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            op = e["args"].get("op_name", "?")
-            total[op] += e["dur"] / 1e3
-            nodes[op].add(e["name"])
-    return sorted(((op, t / runs, len(nodes[op])) for op, t in total.items()), key=lambda r: -r[1])
+def op_table(profile: GraphProfile, top: int = 15) -> str:
+    """Kernel time per op type."""
+    total = profile.total_ms
+    lines = ["| op type | ms per run | share | nodes |", "|---|---|---|---|"]
+    for op, ms in list(profile.by_op.items())[:top]:
+        lines.append(f"| {op} | {ms:.1f} | {ms / total * 100:.1f}% | {profile.nodes_by_op.get(op, 0)} |")
+    return "\n".join(lines)
+
+
+def resolution_table(result: EngineProfile) -> str:
+    """Sparse vs dense kernel time per resolution, largest resolution first."""
+    names = set(result.sparse.by_resolution) | set(result.dense.by_resolution)
+    size = lambda n: -1 if n == OTHER else int(n[1:].split("x")[0]) * int(n.split("x")[1])  # noqa: E731
+    lines = ["| resolution | active fraction | sparse ms | of which gathers + reorders | dense ms | area efficiency |",
+             "|---|---|---|---|---|---|"]
+    for name in sorted(names, key=size, reverse=True):
+        sparse = result.sparse.by_resolution.get(name, 0.0)
+        dense = result.dense.by_resolution.get(name, 0.0)
+        moves = sum(result.sparse.by_resolution_op.get((name, op), 0.0)
+                    for op in ("TileGather", "TileScatter", "ReorderInput", "ReorderOutput"))
+        fraction = result.active_fraction.get(name)
+        if fraction is None:
+            fraction_text, efficiency = ("dense" if sparse and name != OTHER else "-"), "-"
+        else:
+            fraction_text = f"{fraction:.3f}"
+            efficiency = f"{dense * fraction / sparse:.2f}" if sparse else "-"
+        lines.append(f"| {name} | {fraction_text} | {sparse:.1f} | {moves:.1f} | {dense:.1f} | {efficiency} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("engine")
     parser.add_argument("--edit", type=float, default=0.012)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    contents = read_engine(args.engine)
-    graphs = {k: onnx.ModelProto.FromString(v) for k, v in contents.graphs.items()}
-    tmp = tempfile.mkdtemp()
-    runners = make_runners("ort", graphs, contents.weights, threads=args.threads,
-                           profile={"sparse": os.path.join(tmp, "sparse"), "dense": os.path.join(tmp, "dense")})
-    engine = Engine(contents.manifest, runners, dense_fallback_fraction=2.0)
-    rng = np.random.default_rng(0)
-    original = {i["name"]: rng.standard_normal(i["shape"]).astype(i["dtype"]) for i in contents.manifest["inputs"]}
-    h, w = contents.manifest["mask_program"]["input_size"]
-    mask = square_mask(h, w, args.edit)
-    spatial = [i["name"] for i in contents.manifest["inputs"] if i["spatial"]]
-    edited = edit_inputs(original, spatial, mask)
-    engine.prime(original)
-    walls = []
-    for _ in range(args.runs):
-        engine.run(edited, mask=mask)
-        walls.append(engine.stats.wall_ms)
-        engine.run_dense(edited)
-    for name in ("sparse", "dense"):
-        path = runners[name].session.end_profiling()
-        rows = aggregate(path, args.runs)
-        total = sum(r[1] for r in rows)
-        print(f"\n{name} graph: {total:.1f} ms of kernel time per run" +
-              (f" (wall {np.median(walls):.1f} ms, stats {engine.stats})" if name == "sparse" else ""))
-        print("| op type | ms per run | share | nodes |\n|---|---|---|---|")
-        for op, ms, count in rows[:15]:
-            print(f"| {op} | {ms:.1f} | {ms / total * 100:.1f}% | {count} |")
+    result = profile_engine(args.engine, edit=args.edit, runs=args.runs, threads=args.threads)
+    print(f"edit {args.edit:.1%}: MAC reduction {result.mac_reduction:.2f}x; sparse wall {result.sparse_wall_ms:.1f} ms; "
+          f"kernel time sparse {result.sparse.total_ms:.1f} ms, dense {result.dense.total_ms:.1f} ms "
+          f"(ratio {result.dense.total_ms / result.sparse.total_ms:.2f}x)")
+    print("\nsparse graph\n" + op_table(result.sparse))
+    print("\ndense graph\n" + op_table(result.dense))
+    print("\nper resolution\n" + resolution_table(result))
     return 0
 
 
