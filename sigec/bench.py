@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -9,7 +11,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from sigec.runtime.engine import Engine
+from sigec.runtime.engine import DEFAULT_KEY, Engine
+
+DenseRun = Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray]]
+"""A dense run of the model: inputs by name -> outputs (default: ``engine.run_dense``)."""
+
+EMPTY_EDIT_BUDGET = 0.02
+"""Issue 5: a sparse run with an empty edit may cost at most this fraction of a dense run."""
 
 
 @dataclass
@@ -62,6 +70,77 @@ def edit_inputs(original: Mapping[str, np.ndarray], spatial: Sequence[str], mask
     return edited
 
 
+def machine() -> str:
+    """'<arch> <CPU model>, <n> cores' for benchmark headers."""
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()} {cpu}, {os.cpu_count()} cores"
+
+
+def random_inputs(manifest: Mapping[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs fitting an engine's input specs: standard normal floats, integers in [0, 10)."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for spec in manifest["inputs"]:
+        dtype = np.dtype(spec["dtype"])
+        if dtype.kind == "f":
+            inputs[spec["name"]] = rng.standard_normal(spec["shape"]).astype(dtype)
+        else:
+            inputs[spec["name"]] = rng.integers(0, 10, spec["shape"]).astype(dtype)
+    return inputs
+
+
+def ort_session_options(threads: int, spinning: bool = False) -> Any:
+    """ONNX Runtime options for a dense baseline: ORT_ENABLE_ALL, ``threads`` intra-op threads, one inter-op
+    thread, intra-op spin-waiting on or off (off: spinning workers slow other sessions in the process)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return options
+
+
+def onnx_dense_run(path: str | os.PathLike, threads: int, input_names: Sequence[str], *,
+                   spinning: bool = False) -> DenseRun:
+    """A dense run of the ONNX file ``path`` (e.g. from tools/dense_baseline.py --save-fastest) in ONNX Runtime.
+
+    Graph inputs are matched to ``input_names`` (the engine's) by name, else by position.
+    """
+    import onnxruntime as ort
+
+    from sigec.errors import InputError
+
+    try:
+        session = ort.InferenceSession(os.fspath(path), ort_session_options(threads, spinning),
+                                       providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise InputError(f"dense baseline '{path}': ONNX Runtime cannot load it: {exc}") from exc
+    graph_inputs = [i.name for i in session.get_inputs()]
+    if set(graph_inputs) <= set(input_names):
+        rename = {n: n for n in graph_inputs}
+    elif len(graph_inputs) == len(input_names):
+        rename = dict(zip(input_names, graph_inputs))
+    else:
+        raise InputError(f"dense baseline '{path}' has inputs {graph_inputs}, which do not match the engine's "
+                         f"inputs {list(input_names)}")
+
+    def run(inputs: Mapping[str, np.ndarray]) -> Sequence[np.ndarray]:
+        return session.run(None, {rename[k]: v for k, v in inputs.items() if k in rename})
+
+    return run
+
+
 def _time(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
@@ -70,10 +149,15 @@ def _time(fn: Callable[[], Any]) -> float:
 
 def measure(engine: Engine, original: Mapping[str, np.ndarray], edits: Sequence[float], *, repeats: int = 3,
             progress: bool = True, make_edit: Callable[[np.ndarray], Mapping[str, np.ndarray]] | None = None,
-            key: Any = None) -> list[BenchRow]:
-    """Prime once, then for every edit size time dense and sparse runs alternately (after a warm-up)."""
+            key: Any = None, dense: DenseRun | None = None) -> list[BenchRow]:
+    """Prime once, then for every edit size time dense and sparse runs alternately (after a warm-up).
+
+    ``dense`` replaces ``engine.run_dense`` as the dense baseline (e.g. the fastest exported graph
+    found by tools/dense_baseline.py); errors are measured against its output.
+    """
     spatial = [i["name"] for i in engine.manifest["inputs"] if i["spatial"]]
     h, w = engine.manifest["mask_program"]["input_size"]
+    run_dense = dense or engine.run_dense
     engine.prime(original, key=key)
     rows = []
     from rich.progress import Progress
@@ -83,12 +167,12 @@ def measure(engine: Engine, original: Mapping[str, np.ndarray], edits: Sequence[
         for edit in edits:
             mask = square_mask(h, w, edit)
             edited = make_edit(mask) if make_edit else edit_inputs(original, spatial, mask)
-            dense_out = engine.run_dense(edited)
+            dense_out = run_dense(edited)
             sparse_out = engine.run(edited, mask=mask, key=key)  # warm-up
             bar.advance(task)
             dense_t, sparse_t = [], []
             for _ in range(repeats):
-                dense_t.append(_time(lambda: engine.run_dense(edited)))
+                dense_t.append(_time(lambda: run_dense(edited)))
                 sparse_t.append(_time(lambda: engine.run(edited, mask=mask, key=key)))
                 bar.advance(task)
             stats = engine.stats
@@ -104,6 +188,59 @@ def measure(engine: Engine, original: Mapping[str, np.ndarray], edits: Sequence[
     return rows
 
 
+@dataclass
+class EmptyEdit:
+    """Issue 5's empty-edit figure: ``engine.run(original, mask=all False)`` against a dense run."""
+
+    empty_ms: float
+    dense_ms: float
+    path: str
+
+    @property
+    def fraction(self) -> float:
+        """Empty-edit time over dense time."""
+        return self.empty_ms / self.dense_ms
+
+    @property
+    def within_budget(self) -> bool:
+        """Whether the empty edit costs at most ``EMPTY_EDIT_BUDGET`` of a dense run."""
+        return self.fraction <= EMPTY_EDIT_BUDGET
+
+    def line(self) -> str:
+        """One markdown line: 'Empty edit: X ms = Y% of dense ...'."""
+        verdict = "within" if self.within_budget else "OVER"
+        return (f"Empty edit (`engine.run(original, mask=all False)`, path {self.path}): {self.empty_ms:.3f} ms "
+                f"= {self.fraction * 100:.3f}% of dense ({self.dense_ms:.1f} ms); {verdict} the "
+                f"{EMPTY_EDIT_BUDGET * 100:.0f}% budget.")
+
+
+def measure_empty_edit(engine: Engine, original: Mapping[str, np.ndarray], *, repeats: int = 3, inner: int = 10,
+                       key: Any = None, dense: DenseRun | None = None) -> EmptyEdit:
+    """Time a run of the original inputs with an all-False mask against dense runs, alternately.
+
+    Primes ``key`` if it is not primed yet. Each sample of the empty run is the mean of ``inner``
+    calls (one takes well under a millisecond); the figures are medians of ``repeats`` samples.
+    """
+    run_dense = dense or engine.run_dense
+    if (DEFAULT_KEY if key is None else key) not in engine.cache_keys():
+        engine.prime(original, key=key)
+    h, w = engine.manifest["mask_program"]["input_size"]
+    mask = np.zeros((h, w), bool)
+
+    def empty_runs() -> None:
+        for _ in range(inner):
+            engine.run(original, mask=mask, key=key)
+
+    run_dense(original)
+    empty_runs()  # warm-up
+    path = engine.stats.path
+    dense_t, empty_t = [], []
+    for _ in range(max(repeats, 1)):
+        dense_t.append(_time(lambda: run_dense(original)))
+        empty_t.append(_time(empty_runs) / inner)
+    return EmptyEdit(empty_ms=statistics.median(empty_t), dense_ms=statistics.median(dense_t), path=path)
+
+
 def markdown_table(rows: Sequence[BenchRow]) -> str:
     """Rows as a markdown table."""
     lines = ["| edit | dense ORT ms | sigec ms | speedup | MAC reduction | efficiency | rel. L2 error | PSNR dB | path |",
@@ -116,18 +253,13 @@ def markdown_table(rows: Sequence[BenchRow]) -> str:
 
 def bench_engine(path: str, *, edits: Sequence[float], repeats: int = 3, threads: int = 2,
                  backend: str | None = None) -> list[BenchRow]:
-    """``sigec bench ENGINE``: random original inputs, square noise edits, printed table."""
+    """``sigec bench ENGINE``: random original inputs, square noise edits, printed table and empty-edit line."""
     import sigec
 
     engine = sigec.load(path, backend=backend, threads=threads)
-    rng = np.random.default_rng(0)
-    original = {}
-    for spec in engine.manifest["inputs"]:
-        dtype = np.dtype(spec["dtype"])
-        if dtype.kind == "f":
-            original[spec["name"]] = rng.standard_normal(spec["shape"]).astype(dtype)
-        else:
-            original[spec["name"]] = rng.integers(0, 10, spec["shape"]).astype(dtype)
+    original = random_inputs(engine.manifest)
     rows = measure(engine, original, edits, repeats=repeats)
     print(markdown_table(rows))
+    print()
+    print(measure_empty_edit(engine, original, repeats=repeats).line())
     return rows

@@ -1,22 +1,25 @@
 """Benchmark sigec on zoo generators: sparse vs dense ONNX Runtime, side by side in one process.
 
 Usage: python tools/bench.py [--model ddpm_unet] [--edits 0.012,0.05,0.1,0.2,0.5,1.0] [--repeats 3]
-       [--threads 2] [--mode approx] [--write BENCHMARKS.md]
+       [--threads 2] [--mode approx] [--dense-onnx FASTEST.onnx] [--memory] [--write BENCHMARKS.md]
 
 For each edit size (a centred square of that fraction of the image, noise added inside it) the
 script primes the engine with the original inputs, then alternates dense ORT and sigec sparse runs
 (after one warm-up each) and reports medians, the MAC reduction the mask program gives, the
 efficiency (speedup / MAC reduction) and the relative L2 error of sparse against dense. Dense
-PyTorch is timed once per model for reference.
+PyTorch is timed once per model for reference. The empty edit (the original inputs with an
+all-False mask) is timed against dense too (issue 5: at most 2% of a dense run).
+
+``--dense-onnx`` takes the dense baseline from an ONNX file (the fastest one from
+``tools/dense_baseline.py --save-fastest``) instead of the engine's DENSE graph; ``--memory`` adds
+the peak-memory table of ``tools/peak_memory.py`` (fresh processes) to the section.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,20 +29,10 @@ import numpy as np
 import torch
 
 import sigec
-from sigec.bench import markdown_table, measure
+from sigec.bench import machine, markdown_table, measure, measure_empty_edit, onnx_dense_run
 from sigec.zoo import build
 
-
-def _machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()} {cpu}, {os.cpu_count()} cores"
+TOOLS = pathlib.Path(__file__).resolve().parent
 
 
 def _torch_dense_ms(module: torch.nn.Module, inputs: dict[str, torch.Tensor], threads: int, repeats: int) -> float:
@@ -95,8 +88,19 @@ def _plot(rows, model_name: str, out: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def _peak_memory_section(engine_path: pathlib.Path, threads: int, dense_onnx: str | None) -> list[str]:
+    """The peak-memory table of tools/peak_memory.py for this engine (each figure from a fresh process)."""
+    if str(TOOLS) not in sys.path:
+        sys.path.insert(0, str(TOOLS))
+    from peak_memory import markdown, measure_peak
+
+    results = measure_peak(engine_path, edit=0.012, threads=threads, dense_onnx=dense_onnx)
+    return ["Peak memory (`tools/peak_memory.py`, each row a fresh process):", "", markdown(results), ""]
+
+
 def run(model_name: str, edits: list[float], repeats: int, threads: int, mode: str, small: bool,
-        tile_size: int | None, plot_dir: str | None = None) -> str:
+        tile_size: int | None, plot_dir: str | None = None, dense_onnx: str | None = None,
+        memory: bool = False) -> str:
     """Benchmark one zoo model; return the markdown section."""
     module, example = build(model_name, small=small)
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,32 +111,40 @@ def run(model_name: str, edits: list[float], repeats: int, threads: int, mode: s
         engine = sigec.load(path, threads=threads)
         original = {k: v.numpy() for k, v in example.items()}
         make_edit = _label_edit(original) if model_name == "spade" else None
-        rows = measure(engine, original, edits, repeats=repeats, make_edit=make_edit)
+        dense = onnx_dense_run(dense_onnx, threads, engine.input_names) if dense_onnx else None
+        rows = measure(engine, original, edits, repeats=repeats, make_edit=make_edit, dense=dense)
+        empty = measure_empty_edit(engine, original, repeats=repeats, dense=dense)
         cache_mb = engine.cache_bytes() / 2**20
+        memory_lines = _peak_memory_section(path, threads, dense_onnx) if memory else []
         approximated = sorted({a["op_type"] for a in engine.manifest["approximations"]})
         n_approx = len(engine.manifest["approximations"])
     torch_ms = _torch_dense_ms(module, example, threads, repeats)
     if plot_dir:
         pathlib.Path(plot_dir).mkdir(parents=True, exist_ok=True)
         _plot(rows, model_name, pathlib.Path(plot_dir) / f"{model_name}.png")
-    cmd = "python tools/bench.py --model {} --mode {} --repeats {} --threads {}{}".format(
-        model_name, mode, repeats, threads, " --small" if small else "")
+    cmd = "python tools/bench.py --model {} --mode {} --repeats {} --threads {}{}{}{}".format(
+        model_name, mode, repeats, threads, " --small" if small else "",
+        f" --dense-onnx {dense_onnx}" if dense_onnx else "", " --memory" if memory else "")
+    dense_what = (f"dense ORT = `{dense_onnx}` (intra-op spinning off)" if dense_onnx
+                  else "dense ORT = the engine's DENSE graph")
     shape = "x".join(str(s) for s in next(iter(example.values())).shape)
     return "\n".join([
         f"### {model_name} ({shape}, mode {mode}, {threads} threads)",
         "",
         f"Command: `{cmd}`  ",
-        f"Date: {datetime.date.today()}; machine: {_machine()}; onnxruntime {__import__('onnxruntime').__version__}, "
+        f"Date: {datetime.date.today()}; machine: {machine()}; onnxruntime {__import__('onnxruntime').__version__}, "
         f"torch {torch.__version__}.  ",
         f"Compile time {compile_s:.1f} s; caches {cache_mb:.1f} MiB per key; dense PyTorch {torch_ms:.1f} ms; "
-        f"approximations: {n_approx} ({', '.join(approximated) or 'none'}).",
+        f"approximations: {n_approx} ({', '.join(approximated) or 'none'}); {dense_what}.",
         "",
         markdown_table(rows),
         "",
-    ] + ([f"![{model_name}](bench/{model_name}.png)", ""] if plot_dir else []))
+        empty.line(),
+        "",
+    ] + memory_lines + ([f"![{model_name}](bench/{model_name}.png)", ""] if plot_dir else []))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="ddpm_unet")
     parser.add_argument("--edits", default="0.012,0.05,0.1,0.2,0.5,1.0")
@@ -143,9 +155,13 @@ def main() -> int:
     parser.add_argument("--small", action="store_true", help="use the test-size model (quick check)")
     parser.add_argument("--write", help="append the section to this markdown file")
     parser.add_argument("--plot-dir", default=None, help="write a speedup-vs-edit PNG per model here (e.g. bench/)")
-    args = parser.parse_args()
+    parser.add_argument("--dense-onnx", default=None,
+                        help="dense baseline ONNX file (tools/dense_baseline.py --save-fastest) instead of the "
+                             "engine's DENSE graph")
+    parser.add_argument("--memory", action="store_true", help="add the peak-memory table (tools/peak_memory.py)")
+    args = parser.parse_args(argv)
     section = run(args.model, [float(e) for e in args.edits.split(",")], args.repeats, args.threads, args.mode,
-                  args.small, args.tile_size, args.plot_dir)
+                  args.small, args.tile_size, args.plot_dir, args.dense_onnx, args.memory)
     print(section)
     if args.write:
         with open(args.write, "a") as f:
