@@ -69,6 +69,10 @@ class OrtRunner:
         if threads:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
+        # An engine holds three sessions (and a service often several engines): idle worker threads
+        # spinning after a run would steal cores from the next session's run (measured:
+        # BENCHMARKS.md, "Thread spinning").
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if profile_prefix:
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix

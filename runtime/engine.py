@@ -49,7 +49,7 @@ import numpy as np
 
 from sigec.errors import BackendError, CacheError, InputError, SigecError
 from sigec.runtime import costs
-from sigec.runtime.mask_program import TileIndex, dilate, normalize_mask, run_mask_program
+from sigec.runtime.mask_program import TileIndex, dilate, normalize_mask, run_mask_program, tiles_for_mask
 from sigec.runtime.tiles import scatter_tiles_inplace
 
 DEFAULT_KEY = "default"
@@ -301,10 +301,11 @@ class Engine:
             else:
                 entry.lock.release_read()
 
-    def expected_macs(self, mask: np.ndarray) -> tuple[int, int, dict[str, TileIndex]]:
-        """(dense MACs, executed MACs, tile indices) for a pixel mask, without running anything."""
-        pixel_mask = self._normalize_mask(mask)
-        tiles = run_mask_program(self.manifest["mask_program"], self.manifest["resolutions"], pixel_mask)
+    def expected_macs(self, mask: np.ndarray, *, dilation: int | None = None) -> tuple[int, int, dict[str, TileIndex]]:
+        """(dense MACs, executed MACs, tile indices) that ``run(mask=mask, dilation=dilation)`` would
+        have, without running anything (the mask is dilated as ``run`` dilates it)."""
+        self._check_mask_options(None, dilation)
+        tiles = tiles_for_mask(self.manifest, self._normalize_mask(mask), dilation)
         return self._dense_macs(), self._executed_macs(tiles), tiles
 
     def expected_entry_bytes(self) -> int | None:

@@ -188,3 +188,11 @@ def run_mask_program(program: Mapping[str, Any], resolutions: Sequence[Mapping[s
     """Tile indices of every resolution (by resolution name) for a ``[B, H, W]`` pixel mask."""
     masks = run_instructions(program["instructions"], pixel_mask)
     return {res["name"]: tile_index(masks[res["mask"]], int(res["tile"])) for res in resolutions}
+
+
+def tiles_for_mask(manifest: Mapping[str, Any], pixel_mask: np.ndarray, dilation: int | None = None) -> dict[str, TileIndex]:
+    """Active tiles per resolution for a normalised ``[B, H, W]`` pixel mask, dilated first as
+    ``Engine.run`` does (``dilation`` pixels; default: the mask program's)."""
+    program = manifest["mask_program"]
+    radius = int(program["dilation"] if dilation is None else dilation)
+    return run_mask_program(program, manifest["resolutions"], dilate(pixel_mask, radius) if radius > 0 else pixel_mask)

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from sigec.runtime import costs
-from sigec.runtime.mask_program import normalize_mask, run_mask_program
+from sigec.runtime.mask_program import normalize_mask, tiles_for_mask
 
 
 def _normalize_mask(manifest: dict[str, Any], mask: np.ndarray) -> np.ndarray:
@@ -32,7 +32,7 @@ def report(manifest: dict[str, Any], mask: np.ndarray | None = None) -> dict[str
         "nodes": nodes,
     }
     if mask is not None:
-        tiles = run_mask_program(manifest["mask_program"], manifest["resolutions"], _normalize_mask(manifest, mask))
+        tiles = tiles_for_mask(manifest, _normalize_mask(manifest, mask))
         for n in nodes:
             n["executed_macs"] = costs.node_macs(n, tiles)
         executed = costs.executed_macs(nodes, tiles)

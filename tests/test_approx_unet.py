@@ -86,3 +86,18 @@ def test_dense_resolutions_are_checked(small_unet_onnx, options, message):
 
     with pytest.raises(CompileError, match=message):
         engine_from_proto(onnx.load(small_unet_onnx), **options)
+
+
+def test_expected_macs_match_what_a_run_executes(unet_engine):
+    """``expected_macs`` (and so ``sigec inspect --mask`` and the bench tables) dilate the mask as ``run`` does."""
+    rng = np.random.default_rng(3)
+    x0 = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
+    unet_engine.prime({"x": x0})
+    mask = np.zeros((32, 32), bool)
+    mask[8:10, 16:18] = True
+    for dilation in (None, 0, 9):
+        unet_engine.run({"x": _edit(x0, 4, rng)}, mask=mask, dilation=dilation)
+        _, executed, tiles = unet_engine.expected_macs(mask, dilation=dilation)
+        assert executed == unet_engine.stats.executed_macs, dilation
+        assert {k: t.count for k, t in tiles.items()} == unet_engine.stats.active_tiles
+    assert unet_engine.expected_macs(mask, dilation=0)[1] < unet_engine.expected_macs(mask, dilation=9)[1]

@@ -100,13 +100,14 @@ def _peak_memory_section(engine_path: pathlib.Path, threads: int, dense_onnx: st
 
 def run(model_name: str, edits: list[float], repeats: int, threads: int, mode: str, small: bool,
         tile_size: int | None, plot_dir: str | None = None, dense_onnx: str | None = None,
-        memory: bool = False) -> str:
+        memory: bool = False, autotune: bool = False) -> str:
     """Benchmark one zoo model; return the markdown section."""
     module, example = build(model_name, small=small)
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / f"{model_name}.sigec"
         start = time.perf_counter()
-        sigec.compile(module, path, inputs=example, mode=mode, tile_size=tile_size, progress=True)
+        sigec.compile(module, path, inputs=example, mode=mode, tile_size=tile_size, progress=True,
+                      autotune=autotune, autotune_threads=threads)
         compile_s = time.perf_counter() - start
         engine = sigec.load(path, threads=threads)
         original = {k: v.numpy() for k, v in example.items()}
@@ -117,6 +118,8 @@ def run(model_name: str, edits: list[float], repeats: int, threads: int, mode: s
         cache_mb = engine.cache_bytes() / 2**20
         memory_lines = _peak_memory_section(path, threads, dense_onnx) if memory else []
         approximated = sorted({a["op_type"] for a in engine.manifest["approximations"]})
+        plan = engine.manifest["options"]
+        plan_text = f"tile sizes {plan['tile_size']}, dense resolutions {plan.get('dense_resolutions') or 'none'}"
         n_approx = len(engine.manifest["approximations"])
     torch_ms = _torch_dense_ms(module, example, threads, repeats)
     if plot_dir:
@@ -124,7 +127,8 @@ def run(model_name: str, edits: list[float], repeats: int, threads: int, mode: s
         _plot(rows, model_name, pathlib.Path(plot_dir) / f"{model_name}.png")
     cmd = "python tools/bench.py --model {} --mode {} --repeats {} --threads {}{}{}{}".format(
         model_name, mode, repeats, threads, " --small" if small else "",
-        f" --dense-onnx {dense_onnx}" if dense_onnx else "", " --memory" if memory else "")
+        f" --dense-onnx {dense_onnx}" if dense_onnx else "", " --memory" if memory else "") + \
+        (" --autotune" if autotune else "")
     dense_what = (f"dense ORT = `{dense_onnx}` (intra-op spinning off)" if dense_onnx
                   else "dense ORT = the engine's DENSE graph")
     shape = "x".join(str(s) for s in next(iter(example.values())).shape)
@@ -135,7 +139,7 @@ def run(model_name: str, edits: list[float], repeats: int, threads: int, mode: s
         f"Date: {datetime.date.today()}; machine: {machine()}; onnxruntime {__import__('onnxruntime').__version__}, "
         f"torch {torch.__version__}.  ",
         f"Compile time {compile_s:.1f} s; caches {cache_mb:.1f} MiB per key; dense PyTorch {torch_ms:.1f} ms; "
-        f"approximations: {n_approx} ({', '.join(approximated) or 'none'}); {dense_what}.",
+        f"approximations: {n_approx} ({', '.join(approximated) or 'none'}); {dense_what}; {plan_text}.",
         "",
         markdown_table(rows),
         "",
@@ -159,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="dense baseline ONNX file (tools/dense_baseline.py --save-fastest) instead of the "
                              "engine's DENSE graph")
     parser.add_argument("--memory", action="store_true", help="add the peak-memory table (tools/peak_memory.py)")
+    parser.add_argument("--autotune", action="store_true", help="compile with --autotune (tile size / dense per resolution)")
     args = parser.parse_args(argv)
     section = run(args.model, [float(e) for e in args.edits.split(",")], args.repeats, args.threads, args.mode,
-                  args.small, args.tile_size, args.plot_dir, args.dense_onnx, args.memory)
+                  args.small, args.tile_size, args.plot_dir, args.dense_onnx, args.memory, args.autotune)
     print(section)
     if args.write:
         with open(args.write, "a") as f:
