@@ -16,7 +16,10 @@ import os
 import subprocess
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+# SIGEC_TEST_DEVICE=cuda (tools/gpu_check.sh) runs the kernel launches compiled on a GPU instead.
+DEVICE = os.environ.get("SIGEC_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
@@ -38,7 +41,13 @@ triton_ops = pytest.importorskip("sigec.runtime.triton_ops", reason="Triton is n
 from sigec.runtime import tensorrt_kernels as tk  # noqa: E402
 
 INTERPRETED = triton_ops.INTERPRET
-needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="Triton was imported before TRITON_INTERPRET=1")
+needs_interpreter = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED,
+                                       reason="Triton was imported before TRITON_INTERPRET=1")
+
+
+def _on_device(tensors):
+    """Move the launch's tensors to the test device (the kernels run there; results compare on the CPU)."""
+    return [t.to(DEVICE) for t in tensors]
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
 
@@ -259,20 +268,20 @@ def test_gather_in_tensorrts_calling_convention_matches_the_reference(seed, grou
         given, inputs, attrs = _gather_case(seed, groups, n_out=n_out, empty_vals=empty_vals)
         plan = _plan_for(given, attrs, "float32")
         n = given["coords"].shape[0]
-        out = torch.full((n, 5, 6, 7), float("nan"))
-        tk.launch(plan, inputs, out, n)
+        out = torch.full((n, 5, 6, 7), float("nan"), device=DEVICE)
+        tk.launch(plan, _on_device(inputs), out, n)
         expected = reference_ops.tile_gather(*given.values(), **attrs)
-        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+        torch.testing.assert_close(out.cpu(), expected, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
 @needs_interpreter
 def test_gather_fp16():
     given, inputs, attrs = _gather_case(4, {"vals", "scale", "shift"}, dtype=torch.float16)
-    out = torch.empty((5, 5, 6, 7), dtype=torch.float16)
-    tk.launch(_plan_for(given, attrs, "float16"), inputs, out, 5)
+    out = torch.empty((5, 5, 6, 7), dtype=torch.float16, device=DEVICE)
+    tk.launch(_plan_for(given, attrs, "float16"), _on_device(inputs), out, 5)
     up = {k: (v.float() if v is not None and v.is_floating_point() else v) for k, v in given.items()}
     rounded = reference_ops.tile_gather(*up.values(), **attrs).half()
-    torch.testing.assert_close(out, rounded, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out.cpu(), rounded, rtol=2e-3, atol=2e-3)
 
 
 @needs_interpreter
@@ -290,9 +299,9 @@ def test_single_launch_scatter_matches_the_reference(dtype):
         vals = torch.randn((len(cells), C, T, T), generator=gen).to(base.dtype)
         plan = tk.scatter_launch(dtype=dtype, base_shape=list(base.shape), tile=T)
         assert plan.resolve(len(cells))[0] == (B * 3 * 3, 2, 1)  # every cell, two channel blocks
-        out = torch.full_like(base, float("nan"))
-        tk.launch(plan, [base, vals, coords], out, len(cells))
-        assert torch.equal(out, reference_ops.tile_scatter(base, vals, coords))
+        out = torch.full_like(base, float("nan"), device=DEVICE)
+        tk.launch(plan, _on_device([base, vals, coords]), out, len(cells))
+        assert torch.equal(out.cpu(), reference_ops.tile_scatter(base, vals, coords))
 
 
 class _Recorder:

@@ -11,7 +11,7 @@
 # installed layout sigec/{passes,runtime}), so the native ONNX Runtime operators are not needed.
 # Without diffusers the ddpm UNet rows are skipped with a message.
 #
-# Writes OUTDIR/environment.txt, OUTDIR/triton_tests.log, OUTDIR/gpu_bench.md (the table),
+# Writes OUTDIR/environment.txt, OUTDIR/triton_tests.log, OUTDIR/tensorrt_kernel_tests.log, OUTDIR/gpu_bench.md (the table),
 # OUTDIR/gpu_bench.json and OUTDIR/gpu_bench.log. Exit status: 0 when the tests passed and the
 # benchmark measured something, 1 otherwise, 2 when the machine cannot run the check (no GPU,
 # missing packages). Stays under SIGEC_GPU_CHECK_BUDGET_S seconds (default 450) in all.
@@ -22,7 +22,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
 BUDGET_S=${SIGEC_GPU_CHECK_BUDGET_S:-450}
-WHEEL_NAMES=(diffusers==0.42.1 importlib_metadata lazy-importer)
+WHEEL_NAMES=(diffusers==0.42.1 importlib_metadata lazy-importer hypothesis sortedcontainers)
 
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
 die() { echo "[gpu_check] ERROR: $*" >&2; exit 2; }
@@ -112,6 +112,18 @@ log "running tests/test_triton_ops.py on $DEVICE"
 timeout 240 "$PY" -m pytest -q -p no:cacheprovider "$REPO/tests/test_triton_ops.py" 2>&1 | tee "$OUTDIR/triton_tests.log"
 TESTS_RC=${PIPESTATUS[0]}
 if [ "$TESTS_RC" = 0 ]; then log "kernel tests passed"; else log "kernel tests FAILED (exit $TESTS_RC)"; fi
+
+# The TensorRT plugin kernels (TensorRT's calling convention, launched by Triton; no TensorRT needed).
+if "$PY" -c "import hypothesis" 2>/dev/null; then
+  log "running the TensorRT plugin kernel launches of tests/test_tensorrt_lowering.py on $DEVICE"
+  timeout 180 "$PY" -m pytest -q -p no:cacheprovider "$REPO/tests/test_tensorrt_lowering.py" \
+    -k "calling_convention or gather_fp16 or single_launch or ptx" 2>&1 | tee "$OUTDIR/tensorrt_kernel_tests.log"
+  TRT_RC=${PIPESTATUS[0]}
+  if [ "$TRT_RC" = 0 ]; then log "TensorRT plugin kernel tests passed"; else
+    log "TensorRT plugin kernel tests FAILED (exit $TRT_RC)"; TESTS_RC=$TRT_RC; fi
+else
+  log "hypothesis not installed: TensorRT plugin kernel tests skipped (add it with --wheels)"
+fi
 
 # ------------------------------------------------------------------------------------------ 2. benchmark
 LEFT=$((BUDGET_S - SECONDS - 30))
