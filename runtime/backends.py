@@ -100,12 +100,18 @@ class OrtRunner:
 
 
 class TorchRunner:
-    """The PyTorch reference executor (CPU or CUDA)."""
+    """The PyTorch reference executor (CPU or CUDA).
+
+    With ``resident_caches`` (default: on for any device but the CPU) the engine's cache arrays are
+    copied to the device once and reused by later runs (``runtime/device_mirror.py``); the engine
+    calls :meth:`forget` for caches it changes.
+    """
 
     def __init__(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray], *, device: str = "cpu",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, resident_caches: bool | None = None) -> None:
         import torch
 
+        from sigec.runtime.device_mirror import DeviceMirror
         from sigec.runtime.torch_executor import TorchExecutor
 
         if threads:
@@ -113,11 +119,26 @@ class TorchRunner:
         used = {i for node in model.graph.node for i in node.input}
         self.executor = TorchExecutor(model, device=device, initializers={k: v for k, v in weights.items() if k in used})
         self.input_names = list(self.executor.input_names)
+        target = torch.device(device)
+        resident = resident_caches if resident_caches is not None else target.type != "cpu"
+        self.mirror = DeviceMirror(lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(target, copy=True)) \
+            if resident else None
 
     def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         """Execute the graph with the reference executor."""
-        out = self.executor.run({k: v for k, v in feeds.items() if k in self.input_names}, list(output_names))
+        from sigec.runtime.device_mirror import CACHE_PREFIX
+
+        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
+        if self.mirror is not None:
+            feeds = {k: self.mirror.get(v) if k.startswith(CACHE_PREFIX) and isinstance(v, np.ndarray) else v
+                     for k, v in feeds.items()}
+        out = self.executor.run(feeds, list(output_names))
         return [out[n].detach().cpu().numpy() for n in output_names]
+
+    def forget(self, arrays: Sequence[np.ndarray]) -> None:
+        """Drop device copies of cache arrays the engine changed."""
+        if self.mirror is not None:
+            self.mirror.forget(arrays)
 
 
 def make_runners(backend: str, graphs: Mapping[str, onnx.ModelProto], weights: Mapping[str, np.ndarray], *,

@@ -615,8 +615,17 @@ class Engine:
             for p in reversed(written):
                 scatter_tiles_inplace(entry.tensors[p.cache], p.undo, p.coords)
             raise
+        finally:
+            self._forget_device_copies([entry.tensors[p.cache] for p in written])
         entry.inputs = new_inputs
         entry.outputs = new_outputs
+
+    def _forget_device_copies(self, arrays: Sequence[np.ndarray]) -> None:
+        """Tell runners that keep device copies of caches (runtime/device_mirror.py) which changed."""
+        for runner in self._runners.values():
+            forget = getattr(runner, "forget", None)
+            if forget is not None:
+                forget(arrays)
 
     def _run_dense_path(self, feeds: dict[str, np.ndarray], entry: CacheEntry, update_cache: bool, start: float,
                         tiles: Mapping[str, TileIndex]) -> list[np.ndarray]:

@@ -14,8 +14,9 @@ around every run, the medians of:
 - sparse Triton (resident): mask program + tile index upload + the SPARSE graph, caches kept on the
   device (how a GPU deployment would hold them), Triton gathers/scatters;
 - sparse reference: the same with the PyTorch reference gathers (``SIGEC_TRITON=0``);
-- engine.run: the public API (``sigec.load(..., backend="torch", device=...)``), whose caches are
-  host numpy arrays copied to the device on every run (fp32 only).
+- engine.run: the public API (``sigec.load(..., backend="torch", device=...)``): caches uploaded to
+  the device by the first run and reused (runtime/device_mirror.py); inputs, mask program and the
+  output copy back to the host included (fp32 only).
 
 ``fp16`` runs the executor and the module under ``torch.autocast`` (convolutions and matrix
 products in half precision, caches and other ops in float32); priming always runs in float32.
@@ -315,7 +316,7 @@ def describe(device: torch.device, repeats: int) -> list[str]:
         f"{torch.backends.cudnn.benchmark}, cuDNN TF32 {torch.backends.cudnn.allow_tf32}, matmul TF32 "
         f"{torch.backends.cuda.matmul.allow_tf32}. Random weights; edits are centred squares.  ",
         "Sparse times include the mask program and the tile-index upload; caches stay on the device. "
-        "engine.run copies the host caches to the device on every call. fp16 = torch.autocast.",
+        "engine.run keeps the caches on the device after its first run (the warm-up). fp16 = torch.autocast.",
     ]
 
 
