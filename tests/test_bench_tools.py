@@ -67,6 +67,24 @@ def test_dense_baseline_times_every_variant_and_saves_the_fastest(tiny, tmp_path
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-5
 
 
+
+def test_dense_baseline_in_groups_times_each_variant_against_the_reference(tiny, capsys):
+    """--group-size 2: one variant at a time next to sigec's DENSE graph, sessions closed in between."""
+    engine_path, _, _ = tiny
+    tool = _load_tool("dense_baseline")
+    report = tool.main(["--model", "tiny_local", "--small", "--opsets", "18", "--repeats", "2",
+                        "--engine", str(engine_path), "--group-size", "2", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert report.reference == "sigec DENSE" and "Timed in round-robin groups" in printed
+    reference = next(v for v in report.variants if v.exporter == "sigec")
+    assert len(reference.times_ms) == 2 * 3, "the reference runs in each of the three groups"
+    for v in report.variants:
+        assert v.rel_l2 < 1e-3 and v.median_ms > 0
+        if v is not reference:
+            assert len(v.times_ms) == 2 and v.ratio_to_reference is not None
+            assert v.median_ms == pytest.approx(v.ratio_to_reference * reference.median_ms)
+
+
 def test_an_export_that_silently_keeps_another_opset_is_a_failure(tmp_path):
     import torch
     import torch.nn.functional as F

@@ -62,12 +62,18 @@ class Variant:
     nodes: int | None
     run: Callable[[], list[np.ndarray]] = field(repr=False)
     save: Callable[[pathlib.Path], None] | None = field(default=None, repr=False)
+    close: Callable[[], None] | None = field(default=None, repr=False)
     times_ms: list[float] = field(default_factory=list)
     rel_l2: float = math.nan
+    ratio_to_reference: float | None = None  # grouped timing: median / the reference's median in its group
+    reference_ms: float | None = None  # grouped timing: the reference's median over all groups
 
     @property
     def median_ms(self) -> float:
-        """Median of the timed runs."""
+        """Median of the timed runs; with grouped timing, the ratio to the reference (measured in the
+        variant's own group) times the reference's overall median, so that groups compare."""
+        if self.ratio_to_reference is not None and self.reference_ms is not None:
+            return self.ratio_to_reference * self.reference_ms
         return statistics.median(self.times_ms)
 
 
@@ -158,19 +164,25 @@ def _save_proto(model: onnx.ModelProto, path: pathlib.Path) -> None:
 
 def onnx_file_variant(name: str, exporter: str, path: pathlib.Path, model: onnx.ModelProto,
                       example: Mapping[str, np.ndarray], threads: int, spinning: bool) -> Variant:
-    """A variant that runs the ONNX file ``path`` in ONNX Runtime."""
-    try:
-        session = ort.InferenceSession(str(path), ort_session_options(threads, spinning),
-                                       providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise RuntimeError(f"ONNX Runtime cannot load {path.name}: {_summarize(exc)}") from exc
-    feeds = _feeds([i.name for i in session.get_inputs()], example, name)
+    """A variant that runs the ONNX file ``path`` in ONNX Runtime (session created on first run,
+    released by ``close`` so that big models need not all be in memory at once)."""
+    state: dict[str, Any] = {}
+
+    def run() -> list[np.ndarray]:
+        if "session" not in state:
+            try:
+                state["session"] = ort.InferenceSession(str(path), ort_session_options(threads, spinning),
+                                                        providers=["CPUExecutionProvider"])
+            except Exception as exc:
+                raise RuntimeError(f"ONNX Runtime cannot load {path.name}: {_summarize(exc)}") from exc
+            state["feeds"] = _feeds([i.name for i in state["session"].get_inputs()], example, name)
+        return state["session"].run(None, state["feeds"])
 
     def save(target: pathlib.Path) -> None:
         _save_proto(onnx.load(str(path)), target)
 
     return Variant(name=name, exporter=exporter, opset=_default_opset(model), nodes=len(model.graph.node),
-                   run=lambda: session.run(None, feeds), save=save)
+                   run=run, save=save, close=state.clear)
 
 
 def sigec_dense_model(engine_path: pathlib.Path) -> onnx.ModelProto:
@@ -254,6 +266,7 @@ class Report:
     failures: list[Failure]
     spinning: bool = False
     rss_bytes: int | None = None
+    reference: str | None = None  # grouped timing: the variant every group contained
 
     @property
     def onnx_variants(self) -> list[Variant]:
@@ -295,8 +308,11 @@ class Report:
         spin = "on" if self.spinning else "off"
         lines.append(f"ORT sessions: ORT_ENABLE_ALL, {self.threads} intra-op threads, 1 inter-op thread, "
                      f"intra-op spin-waiting {spin}."
-                     + (f" Process RSS with every variant loaded: {self.rss_bytes / 2**30:.2f} GiB."
+                     + (f" Peak process RSS measured after a timing group: {self.rss_bytes / 2**30:.2f} GiB."
                         if self.rss_bytes else ""))
+        if self.reference:
+            lines.append(f"Timed in round-robin groups, each with {self.reference}; a variant's ms is its median "
+                         f"relative to {self.reference} in its own group, times {self.reference}'s overall median.")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -366,10 +382,14 @@ def _sources(module: nn.Module, example: Mapping[str, torch.Tensor], model: str,
 
 def collect(model: str, *, small: bool, dynamo_opsets: Sequence[int], torchscript_opsets: Sequence[int],
             exporters: Sequence[str], threads: int, repeats: int, tolerance: float, workdir: pathlib.Path,
-            spinning: bool = False, engine: pathlib.Path | None = None, progress: bool = True) -> Report:
+            spinning: bool = False, engine: pathlib.Path | None = None, progress: bool = True,
+            group_size: int = 0) -> Report:
     """Export, check and time every variant of zoo model ``model``; exports go to ``workdir``.
 
-    ``spinning``: ORT intra-op spin-waiting of every session.
+    ``spinning``: ORT intra-op spin-waiting of every session. ``group_size`` > 1: time the variants in
+    round-robin groups of that size, each with the reference (sigec's DENSE graph) in it, closing each
+    group's sessions before the next (big models: every session open at once needs > 23 GiB for the
+    256-px UNet's 11 variants); times are then reported relative to the reference.
     """
     module, example = build(model, small=small)
     module.eval()
@@ -379,19 +399,44 @@ def collect(model: str, *, small: bool, dynamo_opsets: Sequence[int], torchscrip
             if e in exporters for o in opsets]
     sources = _sources(module, example, model, jobs, "sigec" in exporters, engine, workdir, failures, progress)
     variants = [pytorch_variant(module, example, threads)]
-    for name, exporter, path, graph in sources:
-        try:
-            variants.append(onnx_file_variant(name, exporter, path, graph, example_np, threads, spinning))
-        except RuntimeError as exc:
-            failures.append(Failure(exporter, _default_opset(graph) or 0, str(exc)))
-    rss = _rss_bytes()
-    reference = variants[0].run()
+    variants += [onnx_file_variant(name, exporter, path, graph, example_np, threads, spinning)
+                 for name, exporter, path, graph in sources]
+    reference_out = variants[0].run()
     variants[0].rel_l2 = 0.0
-    for v in variants[1:]:
-        v.rel_l2 = rel_l2(v.run(), reference)
-    time_round_robin(variants, repeats, progress)
+    reference = next((v for v in variants if v.exporter == "sigec"), variants[min(1, len(variants) - 1)])
+    others = [v for v in variants if v is not reference]
+    size = max(group_size - 1, 1) if group_size > 0 else len(others)
+    groups = [[reference, *others[i:i + size]] for i in range(0, len(others), size)] or [[reference]]
+    rss, timed, reference_times = None, [], []
+    for group in groups:
+        usable = []
+        for v in group:
+            try:
+                if v is not variants[0] and (v is not reference or math.isnan(v.rel_l2)):
+                    v.rel_l2 = rel_l2(v.run(), reference_out)
+                usable.append(v)
+            except RuntimeError as exc:
+                failures.append(Failure(v.exporter, v.opset or 0, str(exc)))
+        before = len(reference.times_ms)
+        time_round_robin(usable, repeats, progress)
+        group_reference = statistics.median(reference.times_ms[before:]) if reference in usable else None
+        reference_times += reference.times_ms[before:]
+        for v in usable:
+            if v is not reference and group_reference and len(groups) > 1:
+                v.ratio_to_reference = statistics.median(v.times_ms) / group_reference
+        now = _rss_bytes()
+        rss = now if rss is None or (now or 0) > rss else rss
+        for v in usable:
+            if v is not reference and v.close is not None:
+                v.close()
+        timed += [v for v in usable if v not in timed]
+    if len(groups) > 1 and reference_times:
+        for v in timed:
+            if v.ratio_to_reference is not None:
+                v.reference_ms = statistics.median(reference_times)
     return Report(model=model, small=small, threads=threads, repeats=repeats, tolerance=tolerance,
-                  variants=variants, failures=failures, spinning=spinning, rss_bytes=rss)
+                  variants=[v for v in variants if v in timed], failures=failures, spinning=spinning, rss_bytes=rss,
+                  reference=reference.name if len(groups) > 1 else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write the results as JSON here")
     parser.add_argument("--save-fastest", type=pathlib.Path, default=None,
                         help="write the fastest matching ONNX model here (self-contained), for tools/bench.py")
+    parser.add_argument("--group-size", type=int, default=0,
+                        help="time in round-robin groups of this many variants (each with sigec's DENSE graph), "
+                             "closing sessions between groups: bounds memory for big models (default: all at once)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -436,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
         report = collect(args.model, small=args.small, dynamo_opsets=args.opsets, torchscript_opsets=ts_opsets,
                          exporters=exporters, threads=args.threads, repeats=args.repeats, tolerance=args.tolerance,
                          workdir=pathlib.Path(tmp), engine=args.engine, progress=not args.no_progress,
-                         spinning=args.spinning == "on")
+                         spinning=args.spinning == "on", group_size=args.group_size)
         best = report.fastest
         if args.save_fastest is not None and best is not None and best.save is not None:
             best.save(args.save_fastest)
