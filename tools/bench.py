@@ -128,7 +128,7 @@ def run(model_name: str, edits: list[float], repeats: int, threads: int, mode: s
     cmd = "python tools/bench.py --model {} --mode {} --repeats {} --threads {}{}{}{}".format(
         model_name, mode, repeats, threads, " --small" if small else "",
         f" --dense-onnx {dense_onnx}" if dense_onnx else "", " --memory" if memory else "") + \
-        (" --autotune" if autotune else "")
+        (" --autotune" if autotune else "") + f" --edits {','.join(f'{e:g}' for e in edits)}"
     dense_what = (f"dense ORT = `{dense_onnx}` (intra-op spinning off)" if dense_onnx
                   else "dense ORT = the engine's DENSE graph")
     shape = "x".join(str(s) for s in next(iter(example.values())).shape)
