@@ -125,7 +125,7 @@ def tile_gather(
     if pad_mode == "zeros":
         inside = (in_y[:, :, None] & in_x[:, None, :])[:, None, :, :]
         out = torch.where(inside, out, torch.zeros((), dtype=out.dtype, device=out.device))
-    return out.contiguous()
+    return out.to(base.dtype).contiguous()  # mixed dtypes (autocast) compute promoted, store as base
 
 
 def tile_scatter(base: torch.Tensor, vals: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
@@ -143,5 +143,5 @@ def tile_scatter(base: torch.Tensor, vals: torch.Tensor, coords: torch.Tensor) -
     xx = tx[:, None] * tile + ar[None, :]  # [N, T]
     valid = (yy < height)[:, :, None] & (xx < width)[:, None, :]  # [N, T, T]
     nn_, iy, ix = torch.nonzero(valid, as_tuple=True)
-    out[b[nn_], :, yy[nn_, iy], xx[nn_, ix]] = vals[nn_, :, iy, ix]
+    out[b[nn_], :, yy[nn_, iy], xx[nn_, ix]] = vals[nn_, :, iy, ix].to(out.dtype)  # e.g. fp16 tiles, fp32 cache
     return out
