@@ -31,14 +31,13 @@ import onnx
 import onnx_ir as ir
 
 from sigec.errors import CompileError
+from sigec.runtime.reference_ops import ACTIVATIONS, PAD_MODES  # the codes of the Triton kernels: their positions
 
 SIGEC_DOMAIN = "ai.sigec"
 TRT_DOMAIN = "ai.sigec.tensorrt"
 """Domain of annotated nodes (the parser looks plugins up by op_type; a custom domain keeps
 ``onnx.checker`` from looking for these ops in the standard operator set)."""
 PLUGIN_NAMESPACE = "sigec"
-PAD_MODES = ("zeros", "edge", "reflect")
-ACTIVATIONS = ("none", "relu", "leaky_relu", "sigmoid", "tanh", "silu", "hard_sigmoid", "hard_swish", "clip")
 GATHER_ATTRS = ("window", "step", "offset", "upsample", "pad_mode", "activation", "alpha", "beta")
 GATHER_DEFAULTS: dict[str, Any] = {"offset": [0, 0], "upsample": 1, "pad_mode": "zeros", "activation": "none",
                                    "alpha": 0.0, "beta": 0.0}

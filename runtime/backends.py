@@ -8,12 +8,13 @@ the sessions), the PyTorch reference executor receives them as tensors.
 from __future__ import annotations
 
 import os
-from typing import Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 import onnx
 
 from sigec.errors import BackendError
+from sigec.runtime.device_mirror import CACHE_PREFIX, DeviceMirror
 
 BACKENDS = ("ort", "torch", "tensorrt")
 
@@ -53,6 +54,23 @@ def _declare_external_weights(model: onnx.ModelProto, weights: Mapping[str, np.n
     return names
 
 
+def session_options(threads: int | None, *, spinning: bool = False) -> Any:
+    """ONNX Runtime options of every sigec session (and of the benchmarks' dense baselines): all graph
+    optimisations, ``threads`` intra-op threads (None: ONNX Runtime's choice) and one inter-op thread,
+    intra-op spin-waiting off by default: an engine holds three sessions (a service often several
+    engines), and idle workers spinning after a run steal cores from the next session's run
+    (BENCHMARKS.md, "Thread spinning")."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return options
+
+
 class OrtRunner:
     """An ONNX Runtime session with sigec's custom operators registered."""
 
@@ -64,15 +82,7 @@ class OrtRunner:
 
         model = onnx.ModelProto.FromString(model.SerializeToString())
         names = _declare_external_weights(model, weights)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
-        # An engine holds three sessions (and a service often several engines): idle worker threads
-        # spinning after a run would steal cores from the next session's run (measured:
-        # BENCHMARKS.md, "Thread spinning").
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = session_options(threads)
         if profile_prefix:
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix
@@ -111,7 +121,6 @@ class TorchRunner:
                  threads: int | None = None, resident_caches: bool | None = None) -> None:
         import torch
 
-        from sigec.runtime.device_mirror import DeviceMirror
         from sigec.runtime.torch_executor import TorchExecutor
 
         if threads:
@@ -126,8 +135,6 @@ class TorchRunner:
 
     def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         """Execute the graph with the reference executor."""
-        from sigec.runtime.device_mirror import CACHE_PREFIX
-
         feeds = {k: v for k, v in feeds.items() if k in self.input_names}
         if self.mirror is not None:
             feeds = {k: self.mirror.get(v) if k.startswith(CACHE_PREFIX) and isinstance(v, np.ndarray) else v

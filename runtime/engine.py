@@ -49,7 +49,7 @@ import numpy as np
 
 from sigec.errors import BackendError, CacheError, InputError, SigecError
 from sigec.runtime import costs
-from sigec.runtime.mask_program import TileIndex, dilate, normalize_mask, run_mask_program, tiles_for_mask
+from sigec.runtime.mask_program import TileIndex, dilate_for_run, normalize_mask, run_mask_program, tiles_for_mask
 from sigec.runtime.tiles import scatter_tiles_inplace
 
 DEFAULT_KEY = "default"
@@ -498,10 +498,7 @@ class Engine:
             for name in self._spatial:
                 diff = np.abs(feeds[name] - entry.inputs[name]).max(axis=1) > thr
                 pixel = diff if pixel is None else pixel | diff
-        radius = int(program["dilation"] if dilation is None else dilation)
-        if radius > 0:
-            pixel = dilate(pixel, radius)
-        return pixel
+        return dilate_for_run(program, pixel, dilation)
 
     # ----- execution --------------------------------------------------------------------------
     def _call_runner(self, graph: str, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> list[np.ndarray]:

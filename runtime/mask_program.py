@@ -190,9 +190,14 @@ def run_mask_program(program: Mapping[str, Any], resolutions: Sequence[Mapping[s
     return {res["name"]: tile_index(masks[res["mask"]], int(res["tile"])) for res in resolutions}
 
 
+def dilate_for_run(program: Mapping[str, Any], pixel_mask: np.ndarray, dilation: int | None = None) -> np.ndarray:
+    """The pixel mask a run uses: dilated by ``dilation`` pixels (default: the mask program's)."""
+    radius = int(program["dilation"] if dilation is None else dilation)
+    return dilate(pixel_mask, radius) if radius > 0 else pixel_mask
+
+
 def tiles_for_mask(manifest: Mapping[str, Any], pixel_mask: np.ndarray, dilation: int | None = None) -> dict[str, TileIndex]:
     """Active tiles per resolution for a normalised ``[B, H, W]`` pixel mask, dilated first as
-    ``Engine.run`` does (``dilation`` pixels; default: the mask program's)."""
+    ``Engine.run`` does (:func:`dilate_for_run`)."""
     program = manifest["mask_program"]
-    radius = int(program["dilation"] if dilation is None else dilation)
-    return run_mask_program(program, manifest["resolutions"], dilate(pixel_mask, radius) if radius > 0 else pixel_mask)
+    return run_mask_program(program, manifest["resolutions"], dilate_for_run(program, pixel_mask, dilation))

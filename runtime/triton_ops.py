@@ -32,9 +32,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """Whether Triton's CPU interpreter was on when this module was imported (kernels then accept CPU tensors)."""
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-PAD_MODE_CODES = {"zeros": 0, "edge": 1, "reflect": 2}
-ACTIVATION_CODES = {"none": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "silu": 5, "hard_sigmoid": 6,
-                    "hard_swish": 7, "clip": 8}  # the numbers tested in _activate
+# Kernel codes: the position in reference_ops' vocabularies (the numbers tested in _activate).
+PAD_MODE_CODES = {name: code for code, name in enumerate(reference_ops.PAD_MODES)}
+ACTIVATION_CODES = {name: code for code, name in enumerate(reference_ops.ACTIVATIONS)}
 ELEMENTS_PER_PROGRAM = 2048  # BLOCK_C * BLOCK_P
 MAX_BLOCK_P = 128
 NUM_WARPS = 4

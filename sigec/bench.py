@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from sigec.runtime.backends import session_options
 from sigec.runtime.engine import DEFAULT_KEY, Engine
 
 DenseRun = Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray]]
@@ -97,20 +98,6 @@ def random_inputs(manifest: Mapping[str, Any], seed: int = 0) -> dict[str, np.nd
     return inputs
 
 
-def ort_session_options(threads: int, spinning: bool = False) -> Any:
-    """ONNX Runtime options for a dense baseline: ORT_ENABLE_ALL, ``threads`` intra-op threads, one inter-op
-    thread, intra-op spin-waiting on or off (off: spinning workers slow other sessions in the process)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = int(threads)
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return options
-
-
 def onnx_dense_run(path: str | os.PathLike, threads: int, input_names: Sequence[str], *,
                    spinning: bool = False) -> DenseRun:
     """A dense run of the ONNX file ``path`` (e.g. from tools/dense_baseline.py --save-fastest) in ONNX Runtime.
@@ -122,7 +109,7 @@ def onnx_dense_run(path: str | os.PathLike, threads: int, input_names: Sequence[
     from sigec.errors import InputError
 
     try:
-        session = ort.InferenceSession(os.fspath(path), ort_session_options(threads, spinning),
+        session = ort.InferenceSession(os.fspath(path), session_options(threads, spinning=spinning),
                                        providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise InputError(f"dense baseline '{path}': ONNX Runtime cannot load it: {exc}") from exc

@@ -97,6 +97,23 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
     with steps.step("frontend"):
         proto_or_path = _source_to_proto(source, inputs, opset)
         model = load_onnx(proto_or_path, input_shapes)
+
+    def build(tiles: int | dict[str, int], dense_res: Sequence[str], record: dict | None,
+              shown: Steps = steps) -> EngineContents:
+        """Rewrite the canonical model (not modified, so autotuning reuses it) and pack an engine."""
+        with shown.step("sparse rewrite"):
+            result = rewrite(model, mode=mode, tile_size=tiles, fallback=fallback,
+                             threshold=DEFAULT_THRESHOLD[mode] if threshold is None else float(threshold),
+                             dilation=DEFAULT_DILATION[mode] if dilation is None else int(dilation),
+                             approx_dilation=approx_dilation, dense_resolutions=tuple(dense_res))
+        with shown.step("pack graphs"):
+            graphs, weights = _split_weights({"full": result.full, "sparse": result.sparse, "dense": result.dense})
+            manifest = {**result.manifest, "sigec_version": __version__, "backend": backend,
+                        "options": {"tile_size": tiles, "fallback": fallback, "approx_dilation": approx_dilation,
+                                    "dense_fallback_fraction": float(dense_fallback_fraction), "opset": opset,
+                                    "dense_resolutions": list(dense_res), **({"autotune": record} if record else {})}}
+            return EngineContents(manifest=manifest, graphs=graphs, weights=weights)
+
     autotune_record = None
     if autotune:
         if tile_size is not None or dense_resolutions:
@@ -106,27 +123,14 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
 
         def compile_candidate(path: pathlib.Path, plan: tuner.Plan) -> pathlib.Path:
             steps.log(f"autotune: compiling tile sizes {plan.tile_size}, dense {plan.dense_resolutions or 'none'}")
-            return compile(proto_or_path, path, mode=mode, tile_size=plan.tile_size, input_shapes=input_shapes,
-                           fallback=fallback, threshold=threshold, dilation=dilation, approx_dilation=approx_dilation,
-                           opset=opset, dense_resolutions=plan.dense_resolutions)
+            quiet = Steps(enabled=False)  # inside the "autotune" step's display
+            return pathlib.Path(write_engine(path, build(plan.tile_size, plan.dense_resolutions, None, quiet)))
 
         with steps.step("autotune"):
             tuned = tuner.tune(compile_candidate, mode=mode, edits=autotune_edits or tuner.DEFAULT_EDITS,
                                threads=autotune_threads, log=steps.log)
         tiles, dense_resolutions, autotune_record = tuned.plan.tile_size, tuned.plan.dense_resolutions, tuned.record
-    with steps.step("sparse rewrite"):
-        result = rewrite(model, mode=mode, tile_size=tiles, fallback=fallback,
-                         threshold=DEFAULT_THRESHOLD[mode] if threshold is None else float(threshold),
-                         dilation=DEFAULT_DILATION[mode] if dilation is None else int(dilation),
-                         approx_dilation=approx_dilation, dense_resolutions=tuple(dense_resolutions))
-    with steps.step("pack graphs"):
-        graphs, weights = _split_weights({"full": result.full, "sparse": result.sparse, "dense": result.dense})
-        manifest = {**result.manifest, "sigec_version": __version__, "backend": backend,
-                    "options": {"tile_size": tiles, "fallback": fallback, "approx_dilation": approx_dilation,
-                                "dense_fallback_fraction": float(dense_fallback_fraction), "opset": opset,
-                                "dense_resolutions": list(dense_resolutions),
-                                **({"autotune": autotune_record} if autotune_record else {})}}
-        contents = EngineContents(manifest=manifest, graphs=graphs, weights=weights)
+    contents = build(tiles, dense_resolutions, autotune_record)
     if backend == "tensorrt":
         from sigec.runtime.tensorrt_build import build_plans, with_plans
 

@@ -1,6 +1,11 @@
-"""Shared test helpers: compile a proto in memory into an Engine without touching disk."""
+"""Shared test helpers: compile a proto in memory into an Engine without touching disk; run a script
+with Triton's real compiler."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -29,3 +34,11 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     """Relative L2 error of ``a`` against the reference ``b``."""
     return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-12))
+
+
+def run_without_interpreter(script: str, timeout: int) -> subprocess.CompletedProcess:
+    """Run a Python script in a fresh process with Triton's real compiler (no TRITON_INTERPRET): compiling
+    kernels ahead of time for a GPU does not need one."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)

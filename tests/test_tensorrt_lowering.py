@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from helpers import run_without_interpreter  # noqa: E402
 import sigec  # noqa: E402
 from sigec.engine_file import EngineContents, read_engine, write_engine  # noqa: E402
 from sigec.errors import BackendError, CompileError, EngineFileError  # noqa: E402
@@ -40,9 +41,8 @@ from sigec.runtime import tensorrt_runner as tr  # noqa: E402
 triton_ops = pytest.importorskip("sigec.runtime.triton_ops", reason="Triton is not installed (group 'gpu')")
 from sigec.runtime import tensorrt_kernels as tk  # noqa: E402
 
-INTERPRETED = triton_ops.INTERPRET
-needs_interpreter = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED,
-                                       reason="Triton was imported before TRITON_INTERPRET=1")
+if DEVICE == "cpu" and not triton_ops.INTERPRET:
+    raise RuntimeError("sigec.runtime.triton_ops was imported before TRITON_INTERPRET=1 (tests/conftest.py sets it)")
 
 
 def _on_device(tensors):
@@ -259,7 +259,6 @@ def _plan_for(given, attrs, dtype: str) -> tk.LaunchPlan:
 SIGNATURES = [set(g for i, g in enumerate(at.OPTIONAL_GROUPS) if m >> i & 1) for m in range(8)]
 
 
-@needs_interpreter
 @pytest.mark.parametrize("seed,groups", list(enumerate(SIGNATURES)), ids=at.ALL_GATHER_PLUGINS)
 def test_gather_in_tensorrts_calling_convention_matches_the_reference(seed, groups):
     """Each plugin signature: the kernel launched as TensorRT launches it (inputs, int32 extras, output;
@@ -274,7 +273,6 @@ def test_gather_in_tensorrts_calling_convention_matches_the_reference(seed, grou
         torch.testing.assert_close(out.cpu(), expected, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
-@needs_interpreter
 def test_gather_fp16():
     given, inputs, attrs = _gather_case(4, {"vals", "scale", "shift"}, dtype=torch.float16)
     out = torch.empty((5, 5, 6, 7), dtype=torch.float16, device=DEVICE)
@@ -284,7 +282,6 @@ def test_gather_fp16():
     torch.testing.assert_close(out.cpu(), rounded, rtol=2e-3, atol=2e-3)
 
 
-@needs_interpreter
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_single_launch_scatter_matches_the_reference(dtype):
     """One program per output cell, tile found by binary search in the sorted coords: equals reference_ops,
@@ -387,9 +384,7 @@ def test_aot_ptx_for_sm90_in_tensorrts_abi():
     takes exactly the input pointers, the int32 extras and the output pointer (Triton's scratch
     parameters removed)."""
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend: no PTX here")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    result = run_without_interpreter(AOT_SCRIPT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(report) == 18
@@ -656,10 +651,7 @@ def test_plugin_definitions_against_a_stand_in_api():
     what the AOT implementations return. (Checks this code's use of the API as documented; the real
     API is only exercised by test_real_tensorrt_end_to_end.)"""
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend: no PTX here")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, "-c", FAKE_TENSORRT_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = run_without_interpreter(FAKE_TENSORRT_SCRIPT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["plugins"] == sorted(f"sigec::{n}" for n in (*at.ALL_GATHER_PLUGINS, "TileScatter"))

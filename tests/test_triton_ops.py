@@ -15,8 +15,6 @@ which rounds after every prologue step (rtol = atol = 1e-2 for float16, 5e-2 for
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 DEVICE = os.environ.get("SIGEC_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
@@ -28,12 +26,13 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="Triton is not installed (optional dependency group 'gpu')")
 
+from helpers import run_without_interpreter  # noqa: E402
 from sigec.errors import BackendError  # noqa: E402
 from sigec.runtime import reference_ops, torch_onnx_ops, triton_ops  # noqa: E402
 from sigec.runtime.reference_ops import ACTIVATIONS, PAD_MODES  # noqa: E402
 
 if DEVICE == "cpu" and not triton_ops.INTERPRET:
-    pytest.skip("sigec.runtime.triton_ops was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+    raise RuntimeError("sigec.runtime.triton_ops was imported before TRITON_INTERPRET=1 (tests/conftest.py sets it)")
 if DEVICE == "cuda" and not torch.cuda.is_available():
     raise RuntimeError("SIGEC_TEST_DEVICE=cuda but torch sees no CUDA device")
 
@@ -330,10 +329,7 @@ def test_kernels_compile_for_an_h100():
     Triton), in a process without the interpreter. Ints equal to 1 are compiled as constants, as
     Triton specialises them at launch."""
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, "-c", SM90_COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = run_without_interpreter(SM90_COMPILE_SCRIPT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     if "takes no constexprs" in result.stdout:
         pytest.skip(f"Triton {triton_ops.triton.__version__}: ahead-of-time compile API differs")

@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 import sigec
-from sigec.bench import machine, ort_session_options
+from sigec.bench import machine
+from sigec.runtime.backends import session_options
 from sigec.engine_file import read_engine
 from sigec.errors import CompileError, SigecError
 from sigec.frontends.torch_frontend import _quiet, _summarize
@@ -171,7 +172,7 @@ def onnx_file_variant(name: str, exporter: str, path: pathlib.Path, model: onnx.
     def run() -> list[np.ndarray]:
         if "session" not in state:
             try:
-                state["session"] = ort.InferenceSession(str(path), ort_session_options(threads, spinning),
+                state["session"] = ort.InferenceSession(str(path), session_options(threads, spinning=spinning),
                                                         providers=["CPUExecutionProvider"])
             except Exception as exc:
                 raise RuntimeError(f"ONNX Runtime cannot load {path.name}: {_summarize(exc)}") from exc

@@ -25,13 +25,20 @@ def op_table(profile: GraphProfile, top: int = 15) -> str:
     return "\n".join(lines)
 
 
+def _pixels(resolution: str) -> int:
+    """Pixels of a resolution name ``rHxW`` (-1 for "other", listed last)."""
+    if resolution == OTHER:
+        return -1
+    height, width = resolution[1:].split("x")
+    return int(height) * int(width)
+
+
 def resolution_table(result: EngineProfile) -> str:
     """Sparse vs dense kernel time per resolution, largest resolution first."""
     names = set(result.sparse.by_resolution) | set(result.dense.by_resolution)
-    size = lambda n: -1 if n == OTHER else int(n[1:].split("x")[0]) * int(n.split("x")[1])  # noqa: E731
     lines = ["| resolution | active fraction | sparse ms | of which gathers + reorders | dense ms | area efficiency |",
              "|---|---|---|---|---|---|"]
-    for name in sorted(names, key=size, reverse=True):
+    for name in sorted(names, key=_pixels, reverse=True):
         sparse = result.sparse.by_resolution.get(name, 0.0)
         dense = result.dense.by_resolution.get(name, 0.0)
         moves = sum(result.sparse.by_resolution_op.get((name, op), 0.0)
