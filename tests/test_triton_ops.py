@@ -331,9 +331,9 @@ def test_kernels_compile_for_an_h100():
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
     result = run_without_interpreter(SM90_COMPILE_SCRIPT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    if "takes no constexprs" in result.stdout:
-        pytest.skip(f"Triton {triton_ops.triton.__version__}: ahead-of-time compile API differs")
-    assert "compiled for sm_90" in result.stdout
+    assert "compiled for sm_90" in result.stdout, (
+        f"Triton {triton_ops.triton.__version__}: ahead-of-time compile failed (the TensorRT plugins need it): "
+        f"{result.stdout[-2000:]}")
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
