@@ -162,9 +162,10 @@ def rule_conv_transpose(ctx: RewriteContext, node: ir.Node) -> None:
     pads = _pads4(node)
     group = int(attr(node, "group", 1))
     form = ctx.form(node.inputs[0])
-    inner, prologue, upsample, extra, mode = ctx.gather_source(form)
-    if any(extra) or upsample != 1:
-        raise Unsupported("ConvTranspose on a padded or upsampled view")
+    if isinstance(form, Padded):  # Pad folds only into Conv and pooling, so this is a guard
+        raise Unsupported("ConvTranspose on a virtual Pad")
+    # A nearest-upsampled view is read through the gather's upsampling, like Conv does.
+    inner, prologue, upsample, _, _ = ctx.gather_source(form)
     offset, window, crop = [], [], []
     for axis in range(2):
         s, k, p = strides[axis], kernel[axis], pads[axis]
@@ -176,7 +177,7 @@ def rule_conv_transpose(ctx: RewriteContext, node: ir.Node) -> None:
         window.append(last - first + 1)
         crop.append(p - s * first)
     g = ctx.tile_gather(inner, res, window=window, step=[res.tile // s for s in strides], offset=offset,
-                        prologue=prologue, hint=f"win::{node.name}")
+                        upsample=upsample, prologue=prologue, hint=f"win::{node.name}")
     inputs = [g, ctx.form(weight).name] + ([ctx.form(node.inputs[2]).name] if len(node.inputs) > 2 and node.inputs[2] is not None else [])  # type: ignore[union-attr]
     full = ctx.builder.node1("ConvTranspose", inputs, hint=f"ct::{node.name}", kernel_shape=kernel, strides=strides,
                              group=group, pads=[0, 0, 0, 0])
@@ -184,8 +185,8 @@ def rule_conv_transpose(ctx: RewriteContext, node: ir.Node) -> None:
     vals = b.node1("Slice", [full, b.const(np.array(crop, np.int64), "c:crop_start"),
                              b.const(np.array([c + res.tile for c in crop], np.int64), "c:crop_end"),
                              b.const(np.array([2, 3], np.int64), "c:axes23")], hint=f"vals::{node.outputs[0].name}")
-    mask = ctx.masks.transpose_window(inner.mask if not isinstance(inner, Padded) else None, kernel, strides, pads,
-                                      [res.height, res.width])
+    # The view's own mask already includes the upsampling (the inner form's is at the lower resolution).
+    mask = ctx.masks.transpose_window(form.mask, kernel, strides, pads, [res.height, res.width])
     ctx.set_sparse(node.outputs[0], vals, res, mask)
     cin = ctx.shape(node.inputs[0])
     ctx.report(node, "sparse", resolution=res.name, tile=res.tile, window=window,
