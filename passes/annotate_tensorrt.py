@@ -4,7 +4,7 @@ TensorRT's ONNX parser maps a node it does not know to a plugin whose name is th
 ``op_type`` in the namespace given by the node's string attribute ``plugin_namespace``; an int
 attribute ``aot = 1`` selects the plugin's ahead-of-time implementation (the PTX compiled into the
 plan, so the plan runs without Python). The node's other attributes become the plugin's
-attributes; a plugin has a fixed list of inputs. See :mod:`sigec.runtime.tensorrt_plugins` for
+attributes; a plugin has a fixed list of inputs. See :mod:`sigec.gpu.tensorrt_plugins` for
 the documentation pages this follows.
 
 Attribute encoding (one array per type: the form of plugin attributes the TensorRT sample
@@ -30,20 +30,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from sigec.errors import CompileError
-from sigec.runtime.reference_ops import ACTIVATIONS, PAD_MODES  # the codes of the Triton kernels: their positions
+from sigec.core.errors import CompileError
+from sigec.core.ops import ACTIVATIONS, PAD_MODES  # the codes of the kernels: their positions
+from sigec.core.ops import DOMAIN as SIGEC_DOMAIN
+from sigec.core.tensorrt_abi import (ALL_GATHER_PLUGINS, GATHER_ATTRS, GATHER_DEFAULTS, INT32, OPTIONAL_GROUPS,  # noqa: F401
+                                     PLUGIN_NAMESPACE, TRT_DOMAIN, decode_gather_attrs, gather_plugin_groups,
+                                     gather_plugin_name)
 
-SIGEC_DOMAIN = "ai.sigec"
-TRT_DOMAIN = "ai.sigec.tensorrt"
-"""Domain of annotated nodes (the parser looks plugins up by op_type; a custom domain keeps
-``onnx.checker`` from looking for these ops in the standard operator set)."""
-PLUGIN_NAMESPACE = "sigec"
-GATHER_ATTRS = ("window", "step", "offset", "upsample", "pad_mode", "activation", "alpha", "beta")
-GATHER_DEFAULTS: dict[str, Any] = {"offset": [0, 0], "upsample": 1, "pad_mode": "zeros", "activation": "none",
-                                   "alpha": 0.0, "beta": 0.0}
-OPTIONAL_GROUPS = ("vals", "scale", "shift")
 _GROUP_SLOTS = {"vals": (1, 2), "scale": (4,), "shift": (5,)}  # positions in TileGather's input list
-INT32 = (-(2**31), 2**31 - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,31 +47,6 @@ class Call:
     op_type: str
     inputs: tuple[str, ...]
     attrs: Mapping[str, Any]
-
-
-# ---------------------------------------------------------------------------------------------- plugin names
-
-
-def gather_plugin_name(present: Sequence[str]) -> str:
-    """The plugin of a TileGather whose optional input groups ``present`` (vals, scale, shift) are given."""
-    unknown = set(present) - set(OPTIONAL_GROUPS)
-    if unknown:
-        raise ValueError(f"unknown TileGather input groups {sorted(unknown)}")
-    return "TileGather" + "".join(f"_{g}" for g in OPTIONAL_GROUPS if g in present)
-
-
-def gather_plugin_groups(name: str) -> tuple[str, ...]:
-    """Inverse of :func:`gather_plugin_name`."""
-    if not name.startswith("TileGather"):
-        raise ValueError(f"{name!r} is not a TileGather plugin")
-    groups = tuple(g for g in name[len("TileGather"):].split("_") if g)
-    if name != gather_plugin_name(groups):
-        raise ValueError(f"{name!r} is not a TileGather plugin name")
-    return groups
-
-
-ALL_GATHER_PLUGINS = tuple(gather_plugin_name([g for i, g in enumerate(OPTIONAL_GROUPS) if mask >> i & 1])
-                           for mask in range(2 ** len(OPTIONAL_GROUPS)))
 
 
 # ---------------------------------------------------------------------------------------------- encoding
@@ -149,18 +118,6 @@ def decode_call(call: Call, where: str = "") -> Call:
     while inputs[-1] == "":
         inputs.pop()
     return Call("TileGather", tuple(inputs), decode_gather_attrs(call.attrs["geometry"], call.attrs["params"], label))
-
-
-def decode_gather_attrs(geometry: Sequence[Any], params: Sequence[Any], where: str = "TileGather") -> dict[str, Any]:
-    """The TileGather attributes (docs/ops.md names) encoded in ``geometry`` and ``params``."""
-    g = [int(v) for v in geometry]
-    p = [float(v) for v in params]
-    if len(g) != 9 or len(p) != 2:
-        raise ValueError(f"{where}: geometry must have 9 values and params 2, got {g} and {p}")
-    if not (0 <= g[7] < len(PAD_MODES) and 0 <= g[8] < len(ACTIVATIONS)):
-        raise ValueError(f"{where}: pad_mode/activation codes {g[7]}, {g[8]} out of range")
-    return {"window": g[0:2], "step": g[2:4], "offset": g[4:6], "upsample": g[6], "pad_mode": PAD_MODES[g[7]],
-            "activation": ACTIVATIONS[g[8]], "alpha": p[0], "beta": p[1]}
 
 
 # ---------------------------------------------------------------------------------------------- ONNX protos

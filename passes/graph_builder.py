@@ -8,7 +8,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-SIGEC_DOMAIN = "ai.sigec"
+from sigec.core.ops import DOMAIN
+
+SIGEC_DOMAIN = DOMAIN
 SIGEC_OPSET = 1
 
 

@@ -1,4 +1,4 @@
-"""Builds the mask program (see ``runtime/mask_program.py``) while the graph is rewritten."""
+"""Builds the mask program (see ``sigec/core/mask_program.py``) while the graph is rewritten."""
 
 from __future__ import annotations
 

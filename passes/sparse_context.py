@@ -9,7 +9,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from sigec.errors import CompileError
+from sigec.core.errors import CompileError
+from sigec.core.names import cache_input, coords_input, grid_input
+from sigec.core.options import DEFAULT_TILE_SIZE
 from sigec.passes._ir_utils import static_shape
 from sigec.passes.graph_builder import SIGEC_DOMAIN, GraphBuilder
 from sigec.passes.mask_builder import MaskProgramBuilder
@@ -128,7 +130,7 @@ class RewriteContext:
         key = (height, width)
         if key not in self.resolutions:
             if isinstance(self.tile_size, dict):
-                tile = int(self.tile_size.get(f"r{height}x{width}", self.tile_size.get("default", 8)))
+                tile = int(self.tile_size.get(f"r{height}x{width}", self.tile_size.get("default", DEFAULT_TILE_SIZE)))
             else:
                 tile = int(self.tile_size)
             self.resolutions[key] = Resolution(height, width, tile)
@@ -151,11 +153,11 @@ class RewriteContext:
 
     def coords(self, res: Resolution) -> str:
         """Name of the coords input [N, 3] of a resolution."""
-        return self.builder.add_input(f"tiles::coords::{res.name}", onnx.TensorProto.INT64, [f"n_{res.name}", 3])
+        return self.builder.add_input(coords_input(res.name), onnx.TensorProto.INT64, [f"n_{res.name}", 3])
 
     def grid(self, res: Resolution) -> str:
         """Name of the grid input [B, gh, gw] of a resolution."""
-        return self.builder.add_input(f"tiles::grid::{res.name}", onnx.TensorProto.INT64, [self.batch, *res.grid_shape])
+        return self.builder.add_input(grid_input(res.name), onnx.TensorProto.INT64, [self.batch, *res.grid_shape])
 
     def batch_index(self, res: Resolution) -> str:
         """Name of the [N] batch index of every active tile of a resolution."""
@@ -178,7 +180,7 @@ class RewriteContext:
 
     def cache(self, source: str, kind: str = "activation", resolution: str | None = None) -> str:
         """The SPARSE-graph input holding the FULL graph's value ``source`` (registered once)."""
-        name = f"cache::{source}"
+        name = cache_input(source)
         if name not in self.caches:
             value = self.value_by_name(source)
             shape = list(self.shape(value))

@@ -34,7 +34,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from sigec.errors import CompileError
+from sigec.core.errors import CompileError
+from sigec.core.names import cache_input, coords_input, grid_input
+from sigec.core.options import DEFAULT_TILE_SIZE, FALLBACKS, MODES
 from sigec.passes._ir_utils import node_label, static_shape
 from sigec.passes.graph_builder import SIGEC_DOMAIN, GraphBuilder, make_model
 from sigec.passes.group_norm_match import NormMatch, find_norms
@@ -112,8 +114,8 @@ def _norm_rule(ctx: RewriteContext, match: NormMatch) -> None:
     res = ctx.res_of(y)
     xs = ctx.to_sparse(x, res, match.nodes[0])
     channels = ctx.shape(x)[1]
-    scale = ctx.stats_cache(f"cache::stats::scale::{x.name}", f"stats::scale::{x.name}", [ctx.batch, channels])
-    shift = ctx.stats_cache(f"cache::stats::shift::{x.name}", f"stats::shift::{x.name}", [ctx.batch, channels])
+    scale = ctx.stats_cache(cache_input(f"stats::scale::{x.name}"), f"stats::scale::{x.name}", [ctx.batch, channels])
+    shift = ctx.stats_cache(cache_input(f"stats::shift::{x.name}"), f"stats::shift::{x.name}", [ctx.batch, channels])
     ctx.stats.append(StatsRequest(x.name, scale, shift, match))
     b = ctx.builder
     per_tile_shape = b.const(np.array([-1, channels, 1, 1], np.int64), "c:per_tile_shape")
@@ -288,17 +290,17 @@ def _full_graph(model_proto: onnx.ModelProto, ctx: RewriteContext, opset: int) -
     return full
 
 
-def rewrite(model: ir.Model, *, mode: str = "approx", tile_size: int | dict[str, int] = 8, fallback: str = "error",
+def rewrite(model: ir.Model, *, mode: str = "approx", tile_size: int | dict[str, int] = DEFAULT_TILE_SIZE, fallback: str = "error",
             threshold: float = 0.0, dilation: int = 0, approx_dilation: int = 1,
             dense_resolutions: tuple[str, ...] = ()) -> RewriteResult:
     """Rewrite a canonical model into FULL, SPARSE and DENSE graphs plus manifest fields.
 
     ``dense_resolutions`` (approx mode): resolution names such as ``"r8x8"`` whose nodes run dense.
     """
-    if mode not in ("exact", "approx"):
-        raise CompileError(f"mode must be 'exact' or 'approx', not {mode!r}")
-    if fallback not in ("error", "dense"):
-        raise CompileError(f"fallback must be 'error' or 'dense', not {fallback!r}")
+    if mode not in MODES:
+        raise CompileError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if fallback not in FALLBACKS:
+        raise CompileError(f"fallback must be one of {', '.join(FALLBACKS)}, not {fallback!r}")
     spatial, batch, size = _spatial_inputs(model)
     if dense_resolutions and mode != "approx":
         raise CompileError("dense_resolutions needs mode='approx' (in exact mode everything downstream of a "
@@ -328,8 +330,7 @@ def rewrite(model: ir.Model, *, mode: str = "approx", tile_size: int | dict[str,
 
     resolutions = []
     for res in ctx.resolutions.values():
-        if f"tiles::coords::{res.name}" not in {i.name for i in sparse.graph.input} and \
-                f"tiles::grid::{res.name}" not in {i.name for i in sparse.graph.input}:
+        if coords_input(res.name) not in sparse_inputs and grid_input(res.name) not in sparse_inputs:
             continue
         mask_id = ctx.masks.resolution_mask([res.height, res.width], ctx.res_masks[res.name], approx_dilation)
         resolutions.append({"name": res.name, "size": [res.height, res.width], "tile": res.tile, "mask": mask_id})

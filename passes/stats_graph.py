@@ -7,6 +7,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
+from sigec.core.names import cache_source
 from sigec.passes.graph_builder import GraphBuilder
 from sigec.passes.sparse_context import StatsRequest
 
@@ -40,10 +41,10 @@ def add_norm_statistics(b: GraphBuilder, request: StatsRequest, batch: int, x_sh
     mean_c = b.node1("Reshape", [b.node1("Expand", [mean, expand_shape], hint="stats_mean_e"), to_channels],
                      hint="stats_mean_c")
     k = b.const((gs * gamma).astype(np.float32), "c:gs_gamma")
-    scale = b.node("Mul", [inv_c, k], hint="stats_scale", outputs=[b.reserve(request.scale_cache.removeprefix("cache::"))])[0]
+    scale = b.node("Mul", [inv_c, k], hint="stats_scale", outputs=[b.reserve(cache_source(request.scale_cache))])[0]
     shift_const = b.const((gb * gamma + beta).astype(np.float32), "c:gb_gamma_beta")
     mean_scale = b.node1("Mul", [mean_c, scale], hint="stats_mean_scale")
     shift = b.node("Sub", [shift_const, mean_scale], hint="stats_shift",
-                   outputs=[b.reserve(request.shift_cache.removeprefix("cache::"))])[0]
+                   outputs=[b.reserve(cache_source(request.shift_cache))])[0]
     b.add_output(scale, onnx.TensorProto.FLOAT, [batch, channels])
     b.add_output(shift, onnx.TensorProto.FLOAT, [batch, channels])

@@ -13,10 +13,12 @@ from typing import Any, Mapping, Protocol, Sequence
 import numpy as np
 import onnx
 
-from sigec.errors import BackendError
-from sigec.runtime.device_mirror import CACHE_PREFIX, DeviceMirror
+from sigec.core.errors import BackendError
+from sigec.core.names import CACHE_PREFIX
+from sigec.core.ops import DOMAIN
+from sigec.core.options import BACKENDS
+from sigec.runtime.device_mirror import DeviceMirror
 
-BACKENDS = ("ort", "torch", "tensorrt")
 
 
 class GraphRunner(Protocol):
@@ -91,7 +93,7 @@ class OrtRunner:
             options.log_severity_level = 3  # the saved graph is machine-specific: expected, not worth a warning
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                              os.path.basename(profile_prefix) + OPTIMIZED_SUFFIX + ".data")
-        if any(n.domain == "ai.sigec" for n in model.graph.node):
+        if any(n.domain == DOMAIN for n in model.graph.node):
             ort_ops.register(options)
         for name in names:
             if name not in weight_values:

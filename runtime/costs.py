@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from sigec.runtime.mask_program import TileIndex
+from sigec.core.mask_program import TileIndex
 
 
 def dense_macs(nodes: Sequence[Mapping[str, Any]]) -> int:

@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-CACHE_PREFIX = "cache::"
+from sigec.core.names import CACHE_PREFIX
+
 
 
 class DeviceMirror:

@@ -47,9 +47,11 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 
-from sigec.errors import BackendError, CacheError, InputError, SigecError
+from sigec.core.errors import BackendError, CacheError, InputError, SigecError
+from sigec.core.names import coords_input, grid_input
+from sigec.core.options import DENSE_FALLBACK_FRACTION
 from sigec.runtime import costs
-from sigec.runtime.mask_program import TileIndex, dilate_for_run, normalize_mask, run_mask_program, tiles_for_mask
+from sigec.core.mask_program import TileIndex, dilate_for_run, normalize_mask, run_mask_program, tiles_for_mask
 from sigec.runtime.tiles import scatter_tiles_inplace
 
 DEFAULT_KEY = "default"
@@ -181,7 +183,7 @@ class Engine:
         # Fall back to the dense graph when the sparse run would execute at least this fraction of
         # the dense MACs (the sparse path's overheads make it slower beyond that point).
         self.dense_fallback_fraction = float(dense_fallback_fraction if dense_fallback_fraction is not None
-                                             else options.get("dense_fallback_fraction", 0.6))
+                                             else options.get("dense_fallback_fraction", DENSE_FALLBACK_FRACTION))
         self._local = threading.local()
         self._costs = costs.CostModel(self.manifest.get("nodes", []))
 
@@ -529,8 +531,8 @@ class Engine:
     def _tile_feeds(self, tiles: Mapping[str, TileIndex]) -> dict[str, np.ndarray]:
         feeds = {}
         for name, t in tiles.items():
-            feeds[f"tiles::coords::{name}"] = t.coords
-            feeds[f"tiles::grid::{name}"] = t.grid
+            feeds[coords_input(name)] = t.coords
+            feeds[grid_input(name)] = t.grid
         return feeds
 
     def _run_sparse(self, feeds: dict[str, np.ndarray], entry: CacheEntry, tiles: Mapping[str, TileIndex],

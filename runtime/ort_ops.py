@@ -8,17 +8,18 @@ and installed as ``sigec/_native/libsigec_ort_ops.so``.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sigec.errors import BackendError
+from sigec.core.errors import BackendError
+from sigec.core.ops import DOMAIN
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
 
-DOMAIN = "ai.sigec"
 OPSET_VERSION = 1
 ENV_LIBRARY = "SIGEC_ORT_OPS_LIBRARY"
 
@@ -40,10 +41,12 @@ def _library_names() -> tuple[str, ...]:
 
 def _package_dirs() -> list[Path]:
     """Directories of the ``sigec`` package (several in editable installs)."""
-    import sigec
-
-    dirs = [Path(p) for p in getattr(sigec, "__path__", [])]
-    dirs.append(Path(sigec.__file__).resolve().parent)
+    spec = importlib.util.find_spec("sigec")  # the installed package, wherever this module lives
+    if spec is None:
+        return []
+    dirs = [Path(p) for p in spec.submodule_search_locations or []]
+    if spec.origin:
+        dirs.append(Path(spec.origin).resolve().parent)
     return dirs
 
 

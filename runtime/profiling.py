@@ -26,11 +26,13 @@ from typing import Mapping
 import numpy as np
 import onnx
 
+from sigec.core.engine_file import read_engine
+from sigec.core.names import tile_input_resolution
 from sigec.runtime.backends import OPTIMIZED_SUFFIX, make_runners
 from sigec.runtime.engine import Engine
+from sigec.runtime.synthetic_edits import edit_inputs, square_mask
 
 OTHER = "other"
-_TILE_INPUT = re.compile(r"^tiles::(?:coords|grid)::(r\d+x\d+)$")
 
 
 @dataclass
@@ -69,12 +71,12 @@ def node_resolutions(model: onnx.ModelProto, seeds: Mapping[str, str] | None = N
     seeds = seeds or {}
     value_res: dict[str, str] = dict(value_seeds or {})
     for value in model.graph.input:
-        match = _TILE_INPUT.match(value.name)
-        if match:
-            value_res[value.name] = match.group(1)
+        res = tile_input_resolution(value.name)
+        if res:
+            value_res[value.name] = res
     result: dict[str, str] = {}
     for node in model.graph.node:
-        own = [value_res[i] for i in node.input if _TILE_INPUT.match(i) and i in value_res]
+        own = [value_res[i] for i in node.input if tile_input_resolution(i) and i in value_res]
         inherited = [value_res[i] for i in node.input if i in value_res]
         res = seeds.get(node.name) or (own or inherited or [None])[0]
         if res is None:
@@ -116,9 +118,6 @@ def profile_engine(path: str | os.PathLike, *, edit: float = 0.012, runs: int = 
                    seed: int = 0) -> EngineProfile:
     """Profile ``runs`` sparse and dense runs of a centred square edit of ``edit`` of the image
     (random original inputs, noise added in the square) on ONNX Runtime."""
-    from sigec.bench import edit_inputs, square_mask
-    from sigec.engine_file import read_engine
-
     contents = read_engine(path)
     graphs = {k: onnx.ModelProto.FromString(v) for k, v in contents.graphs.items()}
     with tempfile.TemporaryDirectory(prefix="sigec-profile-") as tmp:

@@ -1,9 +1,9 @@
 """Run an engine file's TensorRT plans (backend ``tensorrt``): one GraphRunner per graph.
 
 Plans are tied to the TensorRT version and the GPU they were built on; both are recorded in the
-manifest section ``tensorrt`` (:mod:`sigec.runtime.tensorrt_build`) and checked before a plan is
+manifest section ``tensorrt`` (:mod:`sigec.passes.tensorrt_build`) and checked before a plan is
 deserialized. The sigec plugins' kernels are inside the plans (AOT), so running needs neither
-Triton nor :mod:`sigec.runtime.tensorrt_plugins`. Feeds and results are numpy arrays (the
+Triton nor :mod:`sigec.gpu.tensorrt_plugins`. Feeds and results are numpy arrays (the
 GraphRunner protocol); they travel through torch CUDA tensors on the current stream.
 """
 
@@ -13,9 +13,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from sigec.errors import BackendError
+from sigec.core.errors import BackendError
 
-from .tensorrt_build import blob_name, missing_requirements
+from sigec.core.tensorrt_abi import blob_name, missing_requirements
 
 
 def select_plans(manifest: Mapping[str, Any], blobs: Mapping[str, bytes], graphs: Sequence[str],

@@ -13,7 +13,7 @@ import onnx
 import torch
 from onnx import external_data_helper, helper, inliner, numpy_helper
 
-from sigec.errors import BackendError, InputError, SigecError
+from sigec.core.errors import BackendError, InputError, SigecError
 
 from .torch_onnx_ops import ONNX_DOMAINS, lookup_op
 from .torch_onnx_ops_common import NodeAttrs, OpFn, torch_dtype

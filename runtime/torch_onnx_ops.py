@@ -13,9 +13,10 @@ from types import ModuleType
 
 import torch
 
-from sigec.errors import BackendError
+from sigec.core.errors import BackendError
 
-from . import reference_ops
+from sigec.core import reference_ops
+from sigec.core.ops import DOMAIN
 from .torch_onnx_ops_common import Inputs, NodeAttrs, OpFn, opt
 from .torch_onnx_ops_elementwise import ELEMENTWISE_OPS
 from .torch_onnx_ops_nn import NN_OPS
@@ -23,7 +24,7 @@ from .torch_onnx_ops_reduce import REDUCE_OPS
 from .torch_onnx_ops_resize import RESIZE_OPS
 from .torch_onnx_ops_tensor import TENSOR_OPS
 
-SIGEC_DOMAIN = "ai.sigec"
+SIGEC_DOMAIN = DOMAIN
 ONNX_DOMAINS = ("", "ai.onnx")
 
 
@@ -45,7 +46,7 @@ def tile_kernels(tensor: torch.Tensor) -> ModuleType:
     if choice == "0" or (choice != "1" and tensor.device.type != "cuda"):
         return reference_ops
     try:
-        from . import triton_ops
+        from sigec.gpu import triton_ops
     except ImportError as exc:
         if choice == "1":
             raise BackendError(f"SIGEC_TRITON=1 but the Triton kernels cannot be imported: {exc}") from exc

@@ -4,13 +4,12 @@ Public API: :func:`compile`, :func:`load`, :class:`Engine` and the error hierarc
 :class:`SigecError`.
 """
 
-from sigec.errors import BackendError, CacheError, CompileError, EngineFileError, InputError, SigecError
+from sigec.core.errors import BackendError, CacheError, CompileError, EngineFileError, InputError, SigecError
 
-__version__ = "0.1.0"
-
-from sigec.compiler import compile  # noqa: E402
-from sigec.loader import load  # noqa: E402
-from sigec.runtime.engine import Engine  # noqa: E402
+from sigec.compiler import compile
+from sigec.core import VERSION as __version__
+from sigec.loader import load
+from sigec.runtime.engine import Engine
 
 __all__ = ["compile", "load", "Engine", "SigecError", "CompileError", "EngineFileError", "InputError", "CacheError",
            "BackendError", "__version__"]

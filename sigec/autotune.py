@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from sigec.errors import CompileError
+from sigec.core.errors import CompileError
 from sigec.runtime.profiling import OTHER, EngineProfile, profile_engine
 
 DENSE = "dense"

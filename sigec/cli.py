@@ -10,7 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from sigec.errors import InputError, SigecError
+from sigec.core.errors import InputError, SigecError
+from sigec.core.options import BACKENDS, DEFAULT_BACKEND, DEFAULT_MODE, MODES
 
 
 def _parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -78,7 +79,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                          dilation=args.dilation, opset=args.opset, progress=not args.quiet,
                          dense_resolutions=args.dense_resolutions, autotune=args.autotune,
                          autotune_edits=args.autotune_edits, autotune_threads=args.autotune_threads)
-    from sigec.engine_file import read_manifest
+    from sigec.core.engine_file import read_manifest
 
     manifest = read_manifest(path)
     kinds: dict[str, int] = {}
@@ -91,8 +92,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from sigec import inspect as insp
-    from sigec.engine_file import read_manifest
+    from sigec import inspection as insp
+    from sigec.core.engine_file import read_manifest
 
     manifest = read_manifest(args.engine)
     mask = load_array(args.mask, as_mask=True) if args.mask else None
@@ -142,14 +143,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sigec.demo import run_demo
+    from sigec.apps.demo import run_demo
 
     run_demo(pathlib.Path(args.out), backend=args.backend, size=args.size)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from sigec.bench import bench_engine
+    from sigec.apps.bench import bench_engine
 
     bench_engine(args.engine, edits=[float(e) for e in args.edits.split(",")], repeats=args.repeats,
                  threads=args.threads, backend=args.backend)
@@ -157,7 +158,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_build_trt(args: argparse.Namespace) -> int:
-    from sigec.runtime.tensorrt_build import build_engine_file
+    from sigec.passes.tensorrt_build import build_engine_file
 
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
     path = build_engine_file(args.engine, args.output, precisions=precisions)
@@ -173,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile an .onnx file or a pkg.module:factory into an engine file")
     c.add_argument("model", help="path to an .onnx file, or pkg.module:factory returning an nn.Module [and inputs]")
     c.add_argument("-o", "--output", required=True, help="engine file to write (.sigec)")
-    c.add_argument("--mode", choices=["approx", "exact"], default="approx")
-    c.add_argument("--backend", choices=["ort", "torch", "tensorrt"], default="ort")
+    c.add_argument("--mode", choices=MODES, default=DEFAULT_MODE)
+    c.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND)
     c.add_argument("--tile-size", type=_parse_tile_size, default=None,
                    help="tile size for every resolution (default 4), or r64x64=8,default=8")
     c.add_argument("--input-shape", type=_parse_shape, action="append", help="pin a dynamic input: NAME=1,3,256,256")
@@ -208,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--input", action="append", help="other (non-spatial) inputs: NAME=FILE.npy")
     r.add_argument("--mask", help="explicit mask file (default: computed from the difference)")
     r.add_argument("-o", "--output", help="write the first output (.npy, or .png for images)")
-    r.add_argument("--backend", choices=["ort", "torch", "tensorrt"], default=None)
+    r.add_argument("--backend", choices=BACKENDS, default=None)
     r.add_argument("--threads", type=int, default=None)
     r.set_defaults(func=cmd_run)
 
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--edits", default="0.012,0.05,0.1,0.2,0.5,1.0", help="edited fractions of the image")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--threads", type=int, default=2)
-    b.add_argument("--backend", choices=["ort", "torch", "tensorrt"], default=None)
+    b.add_argument("--backend", choices=BACKENDS, default=None)
     b.set_defaults(func=cmd_bench)
     return parser
 

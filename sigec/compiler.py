@@ -9,13 +9,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
-from sigec.errors import CompileError
+from sigec.core import VERSION
+from sigec.core.errors import CompileError
+from sigec.core.options import (BACKENDS, DEFAULT_BACKEND, DEFAULT_DILATION, DEFAULT_MODE, DEFAULT_OPSET,
+                                DEFAULT_THRESHOLD, DEFAULT_TILE_SIZE, DENSE_FALLBACK_FRACTION, MODES)
 from sigec.progress import Steps
-
-DEFAULT_TILE_SIZE = 4  # measured on the DDPM UNet: see BENCHMARKS.md, "Tile size"
-DEFAULT_THRESHOLD = {"exact": 0.0, "approx": 2e-2}
-DEFAULT_DILATION = {"exact": 0, "approx": 1}
-BACKENDS = ("ort", "torch", "tensorrt")
 
 
 def _source_to_proto(source: Any, inputs: Any, opset: int) -> onnx.ModelProto | str:
@@ -53,11 +51,11 @@ def _split_weights(protos: Mapping[str, onnx.ModelProto]) -> tuple[dict[str, byt
     return graphs, weights
 
 
-def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, mode: str = "approx",
-            backend: str = "ort", tile_size: int | Mapping[str, int] | None = None,
+def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, mode: str = DEFAULT_MODE,
+            backend: str = DEFAULT_BACKEND, tile_size: int | Mapping[str, int] | None = None,
             input_shapes: Mapping[str, Sequence[int]] | None = None, fallback: str = "error",
             threshold: float | None = None, dilation: int | None = None, approx_dilation: int = 1,
-            dense_fallback_fraction: float = 0.6, opset: int = 18, dense_resolutions: Sequence[str] = (),
+            dense_fallback_fraction: float = DENSE_FALLBACK_FRACTION, opset: int = DEFAULT_OPSET, dense_resolutions: Sequence[str] = (),
             autotune: bool = False, autotune_edits: Sequence[float] | None = None,
             autotune_threads: int | None = None, progress: bool = False) -> pathlib.Path:
     """Compile a model (an .onnx path, an ``onnx.ModelProto``, an ``nn.Module`` or a ``pkg.module:factory``
@@ -73,17 +71,16 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
     candidates on this machine (``sigec.autotune``; edits ``autotune_edits``, ONNX Runtime with
     ``autotune_threads`` threads) and records the measurements in the manifest.
     """
-    from sigec import __version__
-    from sigec.engine_file import EngineContents, write_engine
+    from sigec.core.engine_file import EngineContents, write_engine
     from sigec.frontends.onnx_frontend import load_onnx
     from sigec.passes.sparse_rewrite import rewrite
 
-    if mode not in ("exact", "approx"):
-        raise CompileError(f"mode must be 'exact' or 'approx', not {mode!r}")
+    if mode not in MODES:
+        raise CompileError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if backend not in BACKENDS:
         raise CompileError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend == "tensorrt":
-        from sigec.runtime.tensorrt_build import missing_requirements, unavailable_message
+        from sigec.passes.tensorrt_build import missing_requirements, unavailable_message
 
         problems = missing_requirements()
         if problems:
@@ -108,7 +105,7 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
                              approx_dilation=approx_dilation, dense_resolutions=tuple(dense_res))
         with shown.step("pack graphs"):
             graphs, weights = _split_weights({"full": result.full, "sparse": result.sparse, "dense": result.dense})
-            manifest = {**result.manifest, "sigec_version": __version__, "backend": backend,
+            manifest = {**result.manifest, "sigec_version": VERSION, "backend": backend,
                         "options": {"tile_size": tiles, "fallback": fallback, "approx_dilation": approx_dilation,
                                     "dense_fallback_fraction": float(dense_fallback_fraction), "opset": opset,
                                     "dense_resolutions": list(dense_res), **({"autotune": record} if record else {})}}
@@ -132,7 +129,7 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
         tiles, dense_resolutions, autotune_record = tuned.plan.tile_size, tuned.plan.dense_resolutions, tuned.record
     contents = build(tiles, dense_resolutions, autotune_record)
     if backend == "tensorrt":
-        from sigec.runtime.tensorrt_build import build_plans, with_plans
+        from sigec.passes.tensorrt_build import build_plans, with_plans
 
         with steps.step("TensorRT plans"):
             contents = with_plans(contents, *build_plans(contents))

@@ -6,7 +6,8 @@ import os
 
 import onnx
 
-from sigec.errors import BackendError, EngineFileError
+from sigec.core.errors import BackendError, EngineFileError
+from sigec.core.options import BACKENDS
 from sigec.runtime.backends import make_runners
 from sigec.runtime.engine import Engine
 
@@ -22,11 +23,11 @@ def load(path: str | os.PathLike, *, backend: str | None = None, threads: int | 
     ``max_cache_bytes`` bounds the memory held by primed keys: the least recently used key is
     evicted when a new ``prime`` would exceed it (see ``sigec.runtime.engine``).
     """
-    from sigec.engine_file import read_engine
+    from sigec.core.engine_file import read_engine
 
     contents = read_engine(path)
     chosen = backend or contents.manifest.get("backend", "ort")
-    if chosen not in ("ort", "torch", "tensorrt"):
+    if chosen not in BACKENDS:
         raise BackendError(f"engine '{path}' was compiled for backend {chosen!r}, which this runtime cannot run; "
                            f"pass backend='ort', 'torch' or 'tensorrt'")
     graphs = {}

@@ -82,7 +82,7 @@ def test_dense_resolutions_run_dense_and_stay_accurate(small_unet_onnx):
     ({"mode": "approx", "dense_resolutions": ("8x8",)}, "not a resolution name"),
 ])
 def test_dense_resolutions_are_checked(small_unet_onnx, options, message):
-    from sigec.errors import CompileError
+    from sigec.core.errors import CompileError
 
     with pytest.raises(CompileError, match=message):
         engine_from_proto(onnx.load(small_unet_onnx), **options)

@@ -6,10 +6,10 @@ import pytest
 
 import sigec
 from sigec.autotune import DENSE, choose, plan_from_choice, resolution_costs, total_cost
-from sigec.engine_file import read_manifest
-from sigec.errors import CompileError
+from sigec.core.engine_file import read_manifest
+from sigec.core.errors import CompileError
 from sigec.runtime.profiling import EngineProfile, GraphProfile, node_resolutions, profile_engine
-from sigec.zoo import build
+from sigec.apps.zoo import build
 
 
 def _profile(sparse: dict[str, float], dense: dict[str, float], fractions: dict[str, float]) -> EngineProfile:

@@ -10,9 +10,9 @@ import onnx
 import pytest
 
 import sigec
-from sigec.bench import EMPTY_EDIT_BUDGET, bench_engine, measure_empty_edit, onnx_dense_run
-from sigec.errors import InputError
-from sigec.zoo import build
+from sigec.apps.bench import EMPTY_EDIT_BUDGET, bench_engine, measure_empty_edit, onnx_dense_run
+from sigec.core.errors import InputError
+from sigec.apps.zoo import build
 
 ROOT = Path(__file__).resolve().parent.parent
 

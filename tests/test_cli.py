@@ -63,7 +63,7 @@ def test_cli_errors_are_clear_and_exit_2(tiny):
 
 def test_demo_runs_end_to_end_at_a_small_size(tmp_path):
     """The README's main command (`sigec demo`), at 32 px: exact result, a picture, a speed report."""
-    from sigec.demo import run_demo
+    from sigec.apps.demo import run_demo
 
     result = run_demo(tmp_path, size=32)
     assert result["max_rel_error"] <= 1e-5
@@ -81,7 +81,7 @@ def test_bench_command_prints_a_table(tiny):
 def test_compile_autotune_and_dense_resolutions_flags(tiny):
     sigec_cli("compile", tiny / "tiny.onnx", "-o", tiny / "tuned.sigec", "--mode", "approx", "--autotune",
               "--autotune-edits", "0.1", "--autotune-threads", "1", "-q")
-    from sigec.engine_file import read_manifest
+    from sigec.core.engine_file import read_manifest
 
     options = read_manifest(tiny / "tuned.sigec")["options"]
     assert options["autotune"]["edits"] == [0.1] and options["tile_size"] == options["autotune"]["plan"]["tile_size"]

@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from sigec import engine_file
-from sigec.engine_file import (
+from sigec.core import engine_file
+from sigec.core.engine_file import (
     FORMAT_NAME,
     FORMAT_VERSION,
     EngineContents,
@@ -31,8 +31,8 @@ from sigec.engine_file import (
     read_manifest,
     write_engine,
 )
-from sigec.errors import EngineFileError
-from sigec.manifest_schema import ManifestSchemaError, validate_manifest
+from sigec.core.errors import EngineFileError
+from sigec.core.manifest_schema import ManifestSchemaError, validate_manifest
 
 GRAPH_MEMBERS = ["graphs/full.onnx", "graphs/sparse.onnx", "graphs/dense.onnx"]
 BLOB = "tensorrt/sparse_fp16.plan"

@@ -6,7 +6,7 @@ and compiled once per module (exports take seconds). Engines are loaded with
 tiles (resnet9's 16x16 bottleneck): these tests check the sparse graphs, not the fallback policy.
 
 Also: the ONNX-file path equals the PyTorch path (small UNet), and the SDEdit loop (tools/sdedit.py,
-sigec/sdedit.py) on the small UNet.
+sigec/apps/sdedit.py) on the small UNet.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 from helpers import rel_err, rel_l2
 
 import sigec
-from sigec import sdedit
-from sigec.bench import square_mask
-from sigec.zoo import build, edit_label_map
+from sigec.apps import sdedit
+from sigec.runtime.synthetic_edits import square_mask
+from sigec.apps.zoo import build, edit_label_map
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXACT_TOLERANCE = 1e-4  # max |sparse - dense| / max |dense| for exact mode

@@ -14,9 +14,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from sigec.errors import BackendError
+from sigec.core.errors import BackendError
 from sigec.runtime import ort_ops
-from sigec.runtime.reference_ops import ACTIVATIONS, PAD_MODES, tile_gather, tile_scatter
+from sigec.core.reference_ops import ACTIVATIONS, PAD_MODES, tile_gather, tile_scatter
 
 GATHER_INPUTS = ("base", "vals", "grid", "coords", "scale", "shift")
 INT64_INPUTS = {"grid", "coords"}

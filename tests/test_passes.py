@@ -121,7 +121,7 @@ def test_group_norm_patterns_are_matched_and_frozen_statistics_are_exact_on_the_
 
 def test_cost_model_matches_the_per_node_sum():
     from sigec.runtime import costs
-    from sigec.runtime.mask_program import TileIndex
+    from sigec.core.mask_program import TileIndex
 
     nodes = [{"kind": "sparse", "resolution": "r8x8", "macs_per_tile": 10, "dense_macs": 100},
              {"kind": "approx", "resolution": "r4x4", "macs_per_tile": 7, "dense_macs": 50},

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sigec.runtime.reference_ops import ACTIVATIONS, apply_activation, tile_gather, tile_scatter
+from sigec.core.reference_ops import ACTIVATIONS, apply_activation, tile_gather, tile_scatter
 
 
 def _value(base, vals, grid, b, c, y, x):

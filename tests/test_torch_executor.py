@@ -12,8 +12,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from sigec.errors import BackendError, InputError
-from sigec.runtime import reference_ops
+from sigec.core.errors import BackendError, InputError
+from sigec.core import reference_ops
 from sigec.runtime.torch_executor import TorchExecutor
 
 RTOL = ATOL = 1e-5

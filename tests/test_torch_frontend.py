@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from sigec.errors import CompileError
+from sigec.core.errors import CompileError
 from sigec.frontends import torch_frontend
 from sigec.frontends.torch_frontend import export_module, load_factory, normalize_inputs
 
@@ -85,7 +85,7 @@ def factory_module(tmp_path, monkeypatch):
 
 
 def test_load_factory_builds_the_demo_model_from_the_cli_factories():
-    module, inputs = load_factory("sigec.zoo.cli_factories:tiny_local")
+    module, inputs = load_factory("sigec.apps.zoo.cli_factories:tiny_local")
     assert isinstance(module, nn.Module)
     assert isinstance(inputs, dict) and list(inputs) == ["image"]
     assert inputs["image"].shape == (1, 3, 256, 256)
@@ -106,9 +106,9 @@ def test_load_factory_normalises_the_returned_inputs(factory_module):
 @pytest.mark.parametrize("spec,message", [
     ("no_colon_here", "expected 'pkg.module:factory'"),
     (":factory", "expected 'pkg.module:factory'"),
-    ("sigec.zoo.cli_factories:", "expected 'pkg.module:factory'"),
+    ("sigec.apps.zoo.cli_factories:", "expected 'pkg.module:factory'"),
     ("sigec_no_such_package_xyz:make", "cannot import module 'sigec_no_such_package_xyz'"),
-    ("sigec.zoo.cli_factories:no_such_factory", "has no attribute 'no_such_factory'"),
+    ("sigec.apps.zoo.cli_factories:no_such_factory", "has no attribute 'no_such_factory'"),
 ])
 def test_load_factory_rejects_bad_specs(spec, message):
     with pytest.raises(CompileError, match=message):
@@ -146,7 +146,7 @@ def test_normalize_inputs_forms():
 @pytest.mark.parametrize("factory,size", [("tiny_local_small", 32), ("resnet9_small", 64)])
 def test_cli_model_exports_and_matches_onnxruntime(capsys, factory, size):
     """End to end for the zoo's purely local models (the other zoo models: test_zoo.py)."""
-    module, inputs = load_factory(f"sigec.zoo.cli_factories:{factory}")
+    module, inputs = load_factory(f"sigec.apps.zoo.cli_factories:{factory}")
     module.train()
     proto = export_module(module, inputs, opset=18)
     assert not module.training, "export_module puts the module in eval mode"

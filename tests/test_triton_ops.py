@@ -1,4 +1,4 @@
-"""The Triton kernels of ai.sigec (runtime/triton_ops.py) against the PyTorch reference (docs/ops.md).
+"""The Triton kernels of ai.sigec (plugins/gpu/triton_ops.py) against the PyTorch reference (docs/ops.md).
 
 By default the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set below before
 Triton is imported). With ``SIGEC_TEST_DEVICE=cuda`` (tools/gpu_check.sh) the same tests run the
@@ -27,12 +27,14 @@ import torch  # noqa: E402
 pytest.importorskip("triton", reason="Triton is not installed (optional dependency group 'gpu')")
 
 from helpers import run_without_interpreter  # noqa: E402
-from sigec.errors import BackendError  # noqa: E402
-from sigec.runtime import reference_ops, torch_onnx_ops, triton_ops  # noqa: E402
-from sigec.runtime.reference_ops import ACTIVATIONS, PAD_MODES  # noqa: E402
+from sigec.core.errors import BackendError  # noqa: E402
+from sigec.core import reference_ops  # noqa: E402
+from sigec.runtime import torch_onnx_ops  # noqa: E402
+from sigec.gpu import triton_ops  # noqa: E402
+from sigec.core.reference_ops import ACTIVATIONS, PAD_MODES  # noqa: E402
 
 if DEVICE == "cpu" and not triton_ops.INTERPRET:
-    raise RuntimeError("sigec.runtime.triton_ops was imported before TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    raise RuntimeError("sigec.gpu.triton_ops was imported before TRITON_INTERPRET=1 (tests/conftest.py sets it)")
 if DEVICE == "cuda" and not torch.cuda.is_available():
     raise RuntimeError("SIGEC_TEST_DEVICE=cuda but torch sees no CUDA device")
 
@@ -298,7 +300,7 @@ import inspect, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from sigec.runtime import triton_ops
+from sigec.gpu import triton_ops
 
 if "constexprs" not in inspect.signature(ASTSource).parameters:
     print("ASTSource of this Triton version takes no constexprs")
@@ -368,7 +370,7 @@ def test_engine_runs_with_the_triton_kernels(tmp_path, monkeypatch):
     """A compiled approx-mode UNet (frozen GroupNorm prologues, upsampling, strided convs, attention
     island, output scatter): the sparse run with the Triton kernels equals the reference run."""
     import sigec
-    from sigec.bench import edit_inputs, square_mask
+    from sigec.runtime.synthetic_edits import edit_inputs, square_mask
     from small_unet import small_unet  # tests/ is on sys.path (conftest.py)
 
     model, x = small_unet()

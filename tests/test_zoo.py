@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from sigec import zoo
-from sigec.errors import CompileError
+from sigec.apps import zoo
+from sigec.core.errors import CompileError
 from sigec.frontends.torch_frontend import export_module
 
 # Relative L2 error allowed between ONNX Runtime and PyTorch on the same float32 model.

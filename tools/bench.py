@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 import sigec
-from sigec.bench import machine, markdown_table, measure, measure_empty_edit, onnx_dense_run
-from sigec.zoo import build
+from sigec.apps.bench import machine, markdown_table, measure, measure_empty_edit, onnx_dense_run
+from sigec.apps.zoo import build
 
 TOOLS = pathlib.Path(__file__).resolve().parent
 
@@ -49,7 +49,7 @@ def _torch_dense_ms(module: torch.nn.Module, inputs: dict[str, torch.Tensor], th
 
 def _label_edit(original: dict[str, np.ndarray]):
     """SPADE: edits change the labels inside the mask to a class absent from that region."""
-    from sigec.zoo import edit_label_map
+    from sigec.apps.zoo import edit_label_map
 
     name = next(iter(original))
 

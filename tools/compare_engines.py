@@ -19,8 +19,8 @@ import time
 import numpy as np
 
 import sigec
-from sigec.bench import edit_inputs, square_mask
-from sigec.zoo import build
+from sigec.runtime.synthetic_edits import edit_inputs, square_mask
+from sigec.apps.zoo import build
 
 
 def _ms(fn) -> float:

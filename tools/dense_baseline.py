@@ -43,12 +43,12 @@ import torch
 from torch import nn
 
 import sigec
-from sigec.bench import machine
+from sigec.apps.bench import machine
 from sigec.runtime.backends import session_options
-from sigec.engine_file import read_engine
-from sigec.errors import CompileError, SigecError
+from sigec.core.engine_file import read_engine
+from sigec.core.errors import CompileError, SigecError
 from sigec.frontends.torch_frontend import _quiet, _summarize
-from sigec.zoo import build
+from sigec.apps.zoo import build
 
 EXPORTERS = ("dynamo", "torchscript", "sigec")
 

@@ -46,11 +46,11 @@ import onnx
 import torch
 
 import sigec
-from sigec.bench import square_mask
-from sigec.engine_file import read_engine
+from sigec.runtime.synthetic_edits import square_mask
+from sigec.core.engine_file import read_engine
 from sigec.runtime.backends import make_runners
 from sigec.runtime.engine import Engine
-from sigec.zoo import build, edit_label_map
+from sigec.apps.zoo import build, edit_label_map
 
 
 @dataclass(frozen=True)

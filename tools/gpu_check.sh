@@ -93,7 +93,7 @@ for entry in "$REPO"/sigec/*; do ln -s "$entry" "$WORK/src/sigec/$(basename "$en
 ln -s "$REPO/passes" "$WORK/src/sigec/passes"
 ln -s "$REPO/runtime" "$WORK/src/sigec/runtime"
 export PYTHONPATH="$WORK/src${PYTHONPATH:+:$PYTHONPATH}"
-SIGEC_AT=$("$PY" -c "import sigec, sigec.passes, sigec.runtime.triton_ops; print(sigec.__file__)") \
+SIGEC_AT=$("$PY" -c "import sigec, sigec.passes, sigec.gpu.triton_ops; print(sigec.__file__)") \
   || die "sigec does not import from the source tree (see the error above)"
 case "$SIGEC_AT" in "$WORK/src/"*) ;; *) log "NOTE: sigec imports from $SIGEC_AT, not from this tree" ;; esac
 

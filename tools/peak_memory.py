@@ -59,8 +59,9 @@ def child(kind: str, engine: str, *, edit: float, threads: int, dense_onnx: str 
 
     import sigec
     import sigec.runtime.ort_ops  # noqa: F401
-    from sigec.bench import edit_inputs, onnx_dense_run, random_inputs, square_mask
-    from sigec.engine_file import read_engine, read_manifest
+    from sigec.apps.bench import onnx_dense_run
+    from sigec.runtime.synthetic_edits import edit_inputs, random_inputs, square_mask
+    from sigec.core.engine_file import read_engine, read_manifest
     from sigec.runtime.backends import OrtRunner
 
     manifest = read_manifest(engine)
@@ -151,7 +152,7 @@ def _engine_for(target: str, small: bool, workdir: pathlib.Path) -> str:
     if os.path.exists(target):
         return target
     import sigec
-    from sigec.zoo import MODELS, build
+    from sigec.apps.zoo import MODELS, build
 
     if target not in MODELS:
         raise SystemExit(f"peak_memory: {target!r} is neither a file nor a zoo model ({', '.join(sorted(MODELS))})")

@@ -57,7 +57,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _engine_path(args: argparse.Namespace) -> pathlib.Path:
     import sigec
-    from sigec.zoo import build
+    from sigec.apps.zoo import build
 
     path = args.engine or args.out / ("ddpm_unet_small.sigec" if args.small else "ddpm_unet.sigec")
     if path.exists() and not args.recompile:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the SDEdit comparison; print and return its numbers."""
     args = _parse(argv)
     import sigec
-    from sigec import sdedit
+    from sigec.apps import sdedit
 
     engine = sigec.load(_engine_path(args), backend=args.backend, threads=args.threads)
     names = engine.input_names

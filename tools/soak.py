@@ -46,7 +46,7 @@ def rss_bytes() -> int:
 def build_engine(model: str, folder: pathlib.Path, threads: int) -> tuple[sigec.Engine, dict[str, np.ndarray]]:
     """Compile and load the soak engine; return it with its original inputs."""
     if model == "tiny_local":
-        from sigec.zoo import build
+        from sigec.apps.zoo import build
 
         module, example = build("tiny_local", small=True, size=64)
         path = sigec.compile(module, folder / "tiny_local.sigec", inputs=example, mode="exact")

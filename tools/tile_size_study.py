@@ -13,9 +13,9 @@ import tempfile
 
 
 import sigec
-from sigec import inspect as insp
-from sigec.bench import square_mask
-from sigec.engine_file import read_manifest
+from sigec import inspection as insp
+from sigec.runtime.synthetic_edits import square_mask
+from sigec.core.engine_file import read_manifest
 
 
 def main() -> int:

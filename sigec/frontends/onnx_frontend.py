@@ -9,7 +9,7 @@ import onnx
 import onnx_ir as ir
 import onnxscript.optimizer
 
-from sigec.errors import CompileError
+from sigec.core.errors import CompileError
 from sigec.passes._ir_utils import static_shape
 from sigec.passes.fold_batchnorm import FoldBatchNormPass
 from sigec.passes.fold_pad_into_conv import FoldPadIntoConvPass

@@ -19,7 +19,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from sigec.errors import CompileError
+from sigec.core.errors import CompileError
 
 ExampleInputs = Union[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]
 """Example inputs in canonical form: positional tensors, or forward-parameter name -> tensor."""

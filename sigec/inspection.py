@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from sigec.runtime import costs
-from sigec.runtime.mask_program import normalize_mask, tiles_for_mask
+from sigec.core.mask_program import normalize_mask, tiles_for_mask
 
 
 def _normalize_mask(manifest: dict[str, Any], mask: np.ndarray) -> np.ndarray:
@@ -88,7 +88,7 @@ def render(rep: dict[str, Any], console: Any = None) -> None:
 
 def export_onnx(path: str | os.PathLike, out_dir: str | os.PathLike) -> list[pathlib.Path]:
     """Write the engine's FULL, SPARSE and DENSE graphs (with weights) as .onnx files for Netron."""
-    from sigec.engine_file import read_engine
+    from sigec.core.engine_file import read_engine
 
     contents = read_engine(path)
     out = pathlib.Path(out_dir)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sigec.zoo.label_maps import edit_label_map, label_boundaries, random_label_map
-from sigec.zoo.weights import calibrate_batchnorm, seeded
+from sigec.apps.zoo.label_maps import edit_label_map, label_boundaries, random_label_map
+from sigec.apps.zoo.weights import calibrate_batchnorm, seeded
 
 __all__ = ["SPADE", "SPADEGenerator", "SPADEResnetBlock", "edit_label_map", "label_boundaries",
            "random_label_map", "spade"]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from sigec.zoo.weights import seeded, with_random_image
+from sigec.apps.zoo.weights import seeded, with_random_image
 
 
 def _norm_factory(norm: str) -> Callable[[int], nn.Module]:

@@ -6,7 +6,7 @@ The schema language is a tiny subset of JSON Schema, so the same data could be f
 (a schema for the values of unlisted keys; unlisted keys are allowed by default).
 
 To add a manifest field, add one entry to ``MANIFEST_FIELDS`` (required) or ``OPTIONAL_FIELDS``
-(validated when present); the storage fields that ``sigec.engine_file`` writes itself live in
+(validated when present); the storage fields that ``sigec.core.engine_file`` writes itself live in
 ``STORAGE_FIELDS``.
 """
 
@@ -17,7 +17,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from sigec.errors import EngineFileError
+from sigec.core.errors import EngineFileError
+from sigec.core.options import BACKENDS, MODES
 
 Schema = Mapping[str, Any]
 
@@ -57,8 +58,8 @@ MANIFEST_FIELDS: dict[str, Schema] = {
     "format": STRING,
     "format_version": INTEGER,
     "sigec_version": STRING,
-    "backend": one_of("ort", "torch", "tensorrt"),
-    "mode": one_of("exact", "approx"),
+    "backend": one_of(*BACKENDS),
+    "mode": one_of(*MODES),
     "inputs": array_of(record(name=STRING, shape=SHAPE, dtype=STRING, spatial=BOOLEAN)),
     "outputs": array_of(record(name=STRING, shape=SHAPE, dtype=STRING)),
     "caches": array_of(record(name=STRING, source=STRING, shape=SHAPE, dtype=STRING, kind=STRING)),
@@ -75,7 +76,7 @@ MANIFEST_FIELDS: dict[str, Schema] = {
     "options": ANY_OBJECT,
 }
 
-# What the engine file adds when it stores the manifest (see sigec.engine_file).
+# What the engine file adds when it stores the manifest (see sigec.core.engine_file).
 STORAGE_FIELDS: dict[str, Schema] = {
     "members": {"type": "object", "additionalProperties": record(size=NON_NEGATIVE_INTEGER, sha256=SHA256_HEX)},
     "weights": array_of(
@@ -93,7 +94,7 @@ PROFILE = record(input=STRING, min=SHAPE, opt=SHAPE, max=SHAPE)
 
 # Optional sections: validated when present.
 OPTIONAL_FIELDS: dict[str, Schema] = {
-    # TensorRT plans stored as blobs (sigec.runtime.tensorrt_build).
+    # TensorRT plans stored as blobs (sigec.passes.tensorrt_build).
     "tensorrt": record(
         tensorrt_version=STRING,
         device=record(name=STRING, compute_capability=array_of(NON_NEGATIVE_INTEGER, length=2)),

@@ -23,13 +23,12 @@ from typing import Any, Mapping, Protocol, Sequence
 import numpy as np
 import onnx
 
-from sigec.errors import CompileError
+from sigec.core.errors import CompileError
+from sigec.core.names import COORDS_PREFIX, tile_input_resolution
+from sigec.core.ops import DOMAIN
+from sigec.core.tensorrt_abi import (BLOB_DIR, GRAPHS, MIN_TENSORRT, PRECISIONS, blob_name,  # noqa: F401
+                                     missing_requirements, unavailable_message)
 
-MIN_TENSORRT = (10, 9)
-PRECISIONS = ("fp32", "fp16")
-GRAPHS = ("full", "sparse", "dense")
-BLOB_DIR = "tensorrt"
-COORDS_PREFIX = "tiles::coords::"
 DEFAULT_OPT_FRACTION = 0.1  # the profile's "typical" tile count: 10 % of the tiles (edits are small)
 
 
@@ -54,43 +53,6 @@ class PlanBuilder(Protocol):
 
     def build(self, model: onnx.ModelProto, *, graph: str, precision: str, profiles: Sequence[Profile]) -> bytes:
         """The serialized plan."""
-
-
-def blob_name(graph: str, precision: str) -> str:
-    """The engine-file blob holding the plan of ``graph`` in ``precision``."""
-    return f"{BLOB_DIR}/{graph}_{precision}.plan"
-
-
-# ---------------------------------------------------------------------------------------------- availability
-
-
-def missing_requirements() -> list[str]:
-    """What this machine lacks to build or run TensorRT plans (empty when nothing is missing)."""
-    problems = []
-    try:
-        import tensorrt as trt
-
-        version = tuple(int(p) for p in trt.__version__.split(".")[:2])
-        if version < MIN_TENSORRT:
-            problems.append(f"TensorRT {trt.__version__} is too old (sigec's plugins need >= "
-                            f"{'.'.join(map(str, MIN_TENSORRT))})")
-    except ImportError:
-        problems.append("the Python package `tensorrt` (>= 10.9) is not installed")
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            problems.append("no CUDA GPU is visible (torch.cuda.is_available() is False)")
-    except ImportError:
-        problems.append("PyTorch is not installed")
-    return problems
-
-
-def unavailable_message(problems: Sequence[str]) -> str:
-    """The error text for a TensorRT build that cannot run here."""
-    return ("the TensorRT backend builds its plans on the GPU they will run on, and here "
-            + "; ".join(problems) + ". Compile with --backend ort on this machine, then on a machine with "
-            "TensorRT >= 10.9 and the GPU run `sigec build-trt ENGINE` (see README: TensorRT)")
 
 
 # ---------------------------------------------------------------------------------------------- graphs and profiles
@@ -125,7 +87,7 @@ def tile_profiles(model: onnx.ModelProto, manifest: Mapping[str, Any], *, opt_fr
         dims = _dims(value)
         if all(isinstance(d, int) for d in dims):
             continue
-        res = value.name[len(COORDS_PREFIX):] if value.name.startswith(COORDS_PREFIX) else None
+        res = tile_input_resolution(value.name) if value.name.startswith(COORDS_PREFIX) else None
         if res not in resolutions or len(dims) != 2 or dims[1] != 3:
             raise CompileError(f"graph '{model.graph.name}': input '{value.name}' has dynamic shape {dims}; only "
                                f"the tile coordinates ({COORDS_PREFIX}<resolution>, [N, 3]) may be dynamic")
@@ -143,7 +105,7 @@ def prepare_graph(name: str, graph: bytes, weights: Mapping[str, np.ndarray]) ->
     from sigec.passes.annotate_tensorrt import annotate
 
     model = attach_weights(graph, weights)
-    return annotate(model) if any(n.domain == "ai.sigec" for n in model.graph.node) else model
+    return annotate(model) if any(n.domain == DOMAIN for n in model.graph.node) else model
 
 
 # ---------------------------------------------------------------------------------------------- orchestration
@@ -204,7 +166,7 @@ def build_engine_file(path: str | os.PathLike, output: str | os.PathLike | None 
 
     The file is written atomically: on any failure the original is untouched.
     """
-    from sigec.engine_file import read_engine, write_engine
+    from sigec.core.engine_file import read_engine, write_engine
 
     contents = read_engine(path)
     blobs, section = build_plans(contents, precisions=precisions, builder=builder, **options)
@@ -220,7 +182,7 @@ class TensorRTBuilder:
     def __init__(self, *, workspace_bytes: int | None = None, verbose: bool = False) -> None:
         import tensorrt as trt
 
-        from sigec.runtime import tensorrt_plugins  # noqa: F401 - registers the plugins before parsing
+        from sigec.gpu import tensorrt_plugins  # noqa: F401 - registers the plugins before parsing
 
         self.trt = trt
         self.logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)

@@ -6,7 +6,7 @@ Importing this module registers, in namespace ``sigec``, one plugin per annotate
 - ``@trtp.register``: output ``[N, C, window_h, window_w]`` (TileGather; ``N`` = coords' first,
   dynamic, dimension) or ``base``'s shape (TileScatter), the dtype of ``base``;
 - ``@trtp.autotune``: float I/O all FP32 or all FP16, index inputs INT64, linear formats;
-- ``@trtp.aot_impl``: the PTX of :mod:`sigec.runtime.tensorrt_kernels` compiled by Triton for the
+- ``@trtp.aot_impl``: the PTX of :mod:`sigec.gpu.tensorrt_kernels` compiled by Triton for the
   build GPU, the launch grid and the int32 extra arguments (``N`` symbolic). The PTX is stored in
   the plan, so a plan runs without Python or this module (TensorRT's C++ runtime, ``trtexec``).
 
@@ -37,11 +37,9 @@ import numpy.typing as npt
 import tensorrt as trt
 import tensorrt.plugin as trtp
 
-from sigec.errors import BackendError
-from sigec.passes.annotate_tensorrt import (ALL_GATHER_PLUGINS, PLUGIN_NAMESPACE, decode_gather_attrs,
-                                            gather_plugin_groups)
-
-from . import tensorrt_kernels as tk
+from sigec.core.errors import BackendError
+from sigec.core.tensorrt_abi import ALL_GATHER_PLUGINS, PLUGIN_NAMESPACE, decode_gather_attrs, gather_plugin_groups
+from sigec.gpu import tensorrt_kernels as tk
 
 _DTYPES = {trt.float32: "float32", trt.float16: "float16"}
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from sigec.runtime.backends import session_options
 from sigec.runtime.engine import DEFAULT_KEY, Engine
+from sigec.runtime.synthetic_edits import edit_inputs, random_inputs, square_mask
 
 DenseRun = Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray]]
 """A dense run of the model: inputs by name -> outputs (default: ``engine.run_dense``)."""
@@ -45,32 +46,6 @@ class BenchRow:
         return self.speedup / self.mac_reduction
 
 
-def square_mask(height: int, width: int, fraction: float) -> np.ndarray:
-    """A centred square (clipped to the image) covering about ``fraction`` of the pixels."""
-    mask = np.zeros((height, width), bool)
-    if fraction <= 0:
-        return mask
-    side = int(round(np.sqrt(fraction * height * width)))
-    side_h, side_w = min(side, height), min(side, width)
-    if side_h * side_w < fraction * height * width and side_h == height:
-        side_w = min(width, int(np.ceil(fraction * height * width / height)))
-    y0, x0 = (height - side_h) // 2, (width - side_w) // 2
-    mask[y0:y0 + side_h, x0:x0 + side_w] = True
-    return mask
-
-
-def edit_inputs(original: Mapping[str, np.ndarray], spatial: Sequence[str], mask: np.ndarray,
-                seed: int = 1) -> dict[str, np.ndarray]:
-    """The original inputs with random noise added inside ``mask`` on every spatial input."""
-    rng = np.random.default_rng(seed)
-    edited = {k: v.copy() for k, v in original.items()}
-    for name in spatial:
-        x = edited[name]
-        noise = rng.standard_normal(x.shape).astype(x.dtype) * 0.5
-        edited[name] = x + noise * mask[None, None]
-    return edited
-
-
 def machine() -> str:
     """'<arch> <CPU model>, <n> cores' for benchmark headers."""
     cpu = "unknown CPU"
@@ -85,19 +60,6 @@ def machine() -> str:
     return f"{platform.machine()} {cpu}, {os.cpu_count()} cores"
 
 
-def random_inputs(manifest: Mapping[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs fitting an engine's input specs: standard normal floats, integers in [0, 10)."""
-    rng = np.random.default_rng(seed)
-    inputs = {}
-    for spec in manifest["inputs"]:
-        dtype = np.dtype(spec["dtype"])
-        if dtype.kind == "f":
-            inputs[spec["name"]] = rng.standard_normal(spec["shape"]).astype(dtype)
-        else:
-            inputs[spec["name"]] = rng.integers(0, 10, spec["shape"]).astype(dtype)
-    return inputs
-
-
 def onnx_dense_run(path: str | os.PathLike, threads: int, input_names: Sequence[str], *,
                    spinning: bool = False) -> DenseRun:
     """A dense run of the ONNX file ``path`` (e.g. from tools/dense_baseline.py --save-fastest) in ONNX Runtime.
@@ -106,7 +68,7 @@ def onnx_dense_run(path: str | os.PathLike, threads: int, input_names: Sequence[
     """
     import onnxruntime as ort
 
-    from sigec.errors import InputError
+    from sigec.core.errors import InputError
 
     try:
         session = ort.InferenceSession(os.fspath(path), session_options(threads, spinning=spinning),

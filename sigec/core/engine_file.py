@@ -36,8 +36,9 @@ import numpy as np
 import onnx
 from google.protobuf.message import Error as ProtobufError
 
-from sigec.errors import EngineFileError
-from sigec.manifest_schema import ManifestSchemaError, validate_manifest
+from sigec.core import VERSION
+from sigec.core.errors import EngineFileError
+from sigec.core.manifest_schema import ManifestSchemaError, validate_manifest
 
 FORMAT_NAME = "sigec-engine"
 FORMAT_VERSION = 1
@@ -633,6 +634,4 @@ def _align(offset: int, alignment: int) -> int:
 
 
 def _sigec_version() -> str:
-    from sigec import __version__  # late import: sigec/__init__ may import this module
-
-    return __version__
+    return VERSION

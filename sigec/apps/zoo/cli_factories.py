@@ -1,4 +1,4 @@
-"""Zero-argument factories for the command line (``sigec compile sigec.zoo.cli_factories:NAME``).
+"""Zero-argument factories for the command line (``sigec compile sigec.apps.zoo.cli_factories:NAME``).
 
 Each returns ``(module, example_inputs)`` of the full-size model (``*_small`` for the test size).
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sigec.zoo import build
+from sigec.apps.zoo import build
 
 Built = tuple[nn.Module, dict[str, torch.Tensor]]
 

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from sigec.bench import square_mask
+from sigec.runtime.synthetic_edits import square_mask
 
 
 def _smooth_image(size: int, seed: int = 0) -> np.ndarray:
@@ -39,7 +39,7 @@ def _median_ms(fn, repeats: int = 3) -> float:
 def run_demo(out_dir: pathlib.Path, *, backend: str = "ort", size: int = 256, edit: float = 0.012) -> dict[str, float]:
     """Compile ``tiny_local`` (exact mode), edit a square of ``edit`` of the image, compare sparse with dense."""
     import sigec
-    from sigec.zoo import build
+    from sigec.apps.zoo import build
 
     out_dir.mkdir(parents=True, exist_ok=True)
     module, example = build("tiny_local", size=size)

@@ -148,7 +148,7 @@ def normalize_mask(mask: Any, input_size: Sequence[int], batch: int) -> np.ndarr
 
     Accepts booleans or integers 0/1; anything else raises ``InputError`` naming the problem.
     """
-    from sigec.errors import InputError
+    from sigec.core.errors import InputError
 
     h, w = (int(v) for v in input_size)
     try:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sigec.zoo.weights import seeded, with_random_image
+from sigec.apps.zoo.weights import seeded, with_random_image
 
 
 def _conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Sequential:

@@ -11,18 +11,7 @@ from typing import Sequence
 
 import torch
 
-ACTIVATIONS = (
-    "none",
-    "relu",
-    "leaky_relu",
-    "sigmoid",
-    "tanh",
-    "silu",
-    "hard_sigmoid",
-    "hard_swish",
-    "clip",
-)
-PAD_MODES = ("zeros", "edge", "reflect")
+from sigec.core.ops import ACTIVATIONS, PAD_MODES  # noqa: F401 - re-exported: the reference defines their meaning
 
 
 def apply_activation(v: torch.Tensor, activation: str, alpha: float, beta: float) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sigec.zoo.weights import seeded
+from sigec.apps.zoo.weights import seeded
 
 # Stable Diffusion v1 (CompVis/stable-diffusion-v1-4, subfolder vae) AutoencoderKL configuration:
 # 4 down/up blocks, block_out_channels (128, 256, 512, 512), layers_per_block 2 (the decoder has 3

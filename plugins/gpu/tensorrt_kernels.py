@@ -5,9 +5,9 @@ and the static shapes of its inputs) into what ``@tensorrt.plugin.aot_impl`` mus
 it can be tested on a machine without TensorRT or a GPU.
 
 Calling convention of an AOT plugin kernel (TensorRT's quickly deployable plugins, see the
-sources in :mod:`sigec.runtime.tensorrt_plugins`): the input tensors' pointers in input order,
+sources in :mod:`sigec.gpu.tensorrt_plugins`): the input tensors' pointers in input order,
 then the extra int32 arguments, then the output pointers. The Triton kernels of
-:mod:`sigec.runtime.triton_ops` take the output first and two float arguments, so this module adds
+:mod:`sigec.gpu.triton_ops` take the output first and two float arguments, so this module adds
 thin ``@triton.jit`` wrappers with that order:
 
 - :func:`trt_tile_gather_kernel` calls ``triton_ops._tile_gather_kernel`` unchanged; absent
@@ -34,9 +34,9 @@ from typing import Any, Mapping, Sequence
 import triton
 import triton.language as tl
 
-from sigec.errors import BackendError
+from sigec.core.errors import BackendError
 
-from . import triton_ops
+from sigec.gpu import triton_ops
 
 INT32_MAX = 2**31 - 1
 

@@ -12,13 +12,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from sigec.errors import CompileError
-from sigec.zoo.ddpm import ddpm_unet
-from sigec.zoo.label_maps import edit_label_map, label_boundaries, random_label_map
-from sigec.zoo.pix2pix import resnet9
-from sigec.zoo.sd_vae import sd_vae_decoder
-from sigec.zoo.gaugan import spade
-from sigec.zoo.local_conv import tiny_local
+from sigec.core.errors import CompileError
+from sigec.apps.zoo.ddpm import ddpm_unet
+from sigec.apps.zoo.label_maps import edit_label_map, label_boundaries, random_label_map
+from sigec.apps.zoo.pix2pix import resnet9
+from sigec.apps.zoo.sd_vae import sd_vae_decoder
+from sigec.apps.zoo.gaugan import spade
+from sigec.apps.zoo.local_conv import tiny_local
 
 ModelFactory = Callable[..., tuple[nn.Module, dict[str, torch.Tensor]]]
 

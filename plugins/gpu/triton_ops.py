@@ -1,7 +1,7 @@
 """Triton kernels of the ``ai.sigec`` operators (``TileGather``, ``TileScatter``; docs/ops.md).
 
 The wrappers :func:`tile_gather` and :func:`tile_scatter` take and return the same arguments as
-their references in :mod:`sigec.runtime.reference_ops`, so the PyTorch executor can swap them in
+their references in :mod:`sigec.core.reference_ops`, so the PyTorch executor can swap them in
 (``torch_onnx_ops.SIGEC_OPS``: CUDA tensors, or ``SIGEC_TRITON=1``). On CPU tensors they run only
 under Triton's interpreter (``TRITON_INTERPRET=1`` set before this module is imported), which is
 how the tests check them on machines without a GPU.
@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from sigec.errors import BackendError
+from sigec.core.errors import BackendError
 
-from . import reference_ops
+from sigec.core import reference_ops
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """Whether Triton's CPU interpreter was on when this module was imported (kernels then accept CPU tensors)."""
@@ -204,7 +204,7 @@ def _check_device(base: torch.Tensor) -> None:
     if base.device.type != "cuda" and not INTERPRET:
         raise BackendError(
             f"the Triton kernels need CUDA tensors (got {base.device}); on a CPU set TRITON_INTERPRET=1 "
-            "before sigec.runtime.triton_ops is imported, or unset SIGEC_TRITON"
+            "before sigec.gpu.triton_ops is imported, or unset SIGEC_TRITON"
         )
 
 

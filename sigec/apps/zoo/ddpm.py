@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sigec.zoo.weights import seeded
+from sigec.apps.zoo.weights import seeded
 
 # google/ddpm-church-256 (the configuration SIGE's DDIM benchmark uses). Values used, all passed
 # explicitly so a change of diffusers' defaults cannot alter the model:
