@@ -8,7 +8,7 @@ script primes the engine with the original inputs, then alternates dense ORT and
 (after one warm-up each) and reports medians, the MAC reduction the mask program gives, the
 efficiency (speedup / MAC reduction) and the relative L2 error of sparse against dense. Dense
 PyTorch is timed once per model for reference. The empty edit (the original inputs with an
-all-False mask) is timed against dense too (issue 5: at most 2% of a dense run).
+all-False mask) is timed against dense too (target: at most 2% of a dense run).
 
 ``--dense-onnx`` takes the dense baseline from an ONNX file (the fastest one from
 ``tools/dense_baseline.py --save-fastest``) instead of the engine's DENSE graph; ``--memory`` adds

@@ -1,4 +1,4 @@
-"""The fastest dense ONNX Runtime graph of a zoo model (issue 5: a weak dense baseline inflates every ratio).
+"""The fastest dense ONNX Runtime graph of a zoo model (a weak dense baseline would inflate every ratio).
 
 Usage: python tools/dense_baseline.py [--model ddpm_unet] [--small] [--opsets 17-23] [--torchscript-opsets 17-20]
        [--exporters dynamo,torchscript,sigec] [--engine ENGINE] [--spinning off|on] [--repeats 5]

@@ -88,7 +88,7 @@ class Row:
     engine_run_ms: float | None = None
     engine_path: str | None = None
     rel_l2: float | None = None
-    rel_l2_vs_fp32_sparse: float | None = None  # low precision only (issue 6: <= 1e-2 in fp16)
+    rel_l2_vs_fp32_sparse: float | None = None  # low precision only (target: <= 1e-2 in fp16)
     note: str = ""
 
     @property

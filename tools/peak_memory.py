@@ -1,4 +1,4 @@
-"""Peak memory of the sparse engine (caches included) against a dense ONNX Runtime run (issue 5).
+"""Peak memory of the sparse engine (caches included) against a dense ONNX Runtime run.
 
 Usage: python tools/peak_memory.py ENGINE_OR_MODEL [...] [--small] [--edit 0.012] [--threads 2]
        [--dense-onnx FILE] [--json PATH]
