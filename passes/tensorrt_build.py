@@ -23,11 +23,13 @@ from typing import Any, Mapping, Protocol, Sequence
 import numpy as np
 import onnx
 
+from sigec.core.engine_file import read_engine, write_engine
 from sigec.core.errors import CompileError
 from sigec.core.names import COORDS_PREFIX, tile_input_resolution
 from sigec.core.ops import DOMAIN
 from sigec.core.tensorrt_abi import (BLOB_DIR, GRAPHS, MIN_TENSORRT, PRECISIONS, blob_name,  # noqa: F401
                                      missing_requirements, unavailable_message)
+from sigec.passes.annotate_tensorrt import annotate
 
 DEFAULT_OPT_FRACTION = 0.1  # the profile's "typical" tile count: 10 % of the tiles (edits are small)
 
@@ -102,8 +104,6 @@ def tile_profiles(model: onnx.ModelProto, manifest: Mapping[str, Any], *, opt_fr
 
 def prepare_graph(name: str, graph: bytes, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
     """The ONNX model TensorRT parses for engine graph ``name`` (weights attached; SPARSE annotated)."""
-    from sigec.passes.annotate_tensorrt import annotate
-
     model = attach_weights(graph, weights)
     return annotate(model) if any(n.domain == DOMAIN for n in model.graph.node) else model
 
@@ -166,8 +166,6 @@ def build_engine_file(path: str | os.PathLike, output: str | os.PathLike | None 
 
     The file is written atomically: on any failure the original is untouched.
     """
-    from sigec.core.engine_file import read_engine, write_engine
-
     contents = read_engine(path)
     blobs, section = build_plans(contents, precisions=precisions, builder=builder, **options)
     return write_engine(output if output is not None else path, with_plans(contents, blobs, section))

@@ -9,10 +9,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
+from sigec import autotune as tuner
 from sigec.core import VERSION
+from sigec.core.engine_file import EngineContents, write_engine
 from sigec.core.errors import CompileError
 from sigec.core.options import (BACKENDS, DEFAULT_BACKEND, DEFAULT_DILATION, DEFAULT_MODE, DEFAULT_OPSET,
                                 DEFAULT_THRESHOLD, DEFAULT_TILE_SIZE, DENSE_FALLBACK_FRACTION, MODES)
+from sigec.frontends.onnx_frontend import load_onnx
+from sigec.passes.sparse_rewrite import rewrite
+from sigec.passes.tensorrt_build import build_plans, missing_requirements, unavailable_message, with_plans
 from sigec.progress import Steps
 
 
@@ -22,7 +27,7 @@ def _source_to_proto(source: Any, inputs: Any, opset: int) -> onnx.ModelProto | 
         return os.fspath(source)
     if isinstance(source, onnx.ModelProto):
         return source
-    from sigec.frontends.torch_frontend import export_module, load_factory
+    from sigec.frontends.torch_frontend import export_module, load_factory  # imports torch: only when needed
 
     if isinstance(source, str):
         module, example = load_factory(source)
@@ -71,17 +76,11 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
     candidates on this machine (``sigec.autotune``; edits ``autotune_edits``, ONNX Runtime with
     ``autotune_threads`` threads) and records the measurements in the manifest.
     """
-    from sigec.core.engine_file import EngineContents, write_engine
-    from sigec.frontends.onnx_frontend import load_onnx
-    from sigec.passes.sparse_rewrite import rewrite
-
     if mode not in MODES:
         raise CompileError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if backend not in BACKENDS:
         raise CompileError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend == "tensorrt":
-        from sigec.passes.tensorrt_build import missing_requirements, unavailable_message
-
         problems = missing_requirements()
         if problems:
             raise CompileError(unavailable_message(problems))
@@ -116,8 +115,6 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
         if tile_size is not None or dense_resolutions:
             raise CompileError("autotune chooses the tile sizes and dense resolutions itself: "
                                "do not pass tile_size or dense_resolutions with it")
-        from sigec import autotune as tuner
-
         def compile_candidate(path: pathlib.Path, plan: tuner.Plan) -> pathlib.Path:
             steps.log(f"autotune: compiling tile sizes {plan.tile_size}, dense {plan.dense_resolutions or 'none'}")
             quiet = Steps(enabled=False)  # inside the "autotune" step's display
@@ -129,8 +126,6 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
         tiles, dense_resolutions, autotune_record = tuned.plan.tile_size, tuned.plan.dense_resolutions, tuned.record
     contents = build(tiles, dense_resolutions, autotune_record)
     if backend == "tensorrt":
-        from sigec.passes.tensorrt_build import build_plans, with_plans
-
         with steps.step("TensorRT plans"):
             contents = with_plans(contents, *build_plans(contents))
     with steps.step("write engine"):

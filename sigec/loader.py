@@ -6,6 +6,7 @@ import os
 
 import onnx
 
+from sigec.core.engine_file import read_engine
 from sigec.core.errors import BackendError, EngineFileError
 from sigec.core.options import BACKENDS
 from sigec.runtime.backends import make_runners
@@ -23,7 +24,6 @@ def load(path: str | os.PathLike, *, backend: str | None = None, threads: int | 
     ``max_cache_bytes`` bounds the memory held by primed keys: the least recently used key is
     evicted when a new ``prime`` would exceed it (see ``sigec.runtime.engine``).
     """
-    from sigec.core.engine_file import read_engine
 
     contents = read_engine(path)
     chosen = backend or contents.manifest.get("backend", "ort")

@@ -25,6 +25,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from sigec.core.errors import InputError
+
 
 @dataclass(frozen=True)
 class TileIndex:
@@ -148,7 +150,6 @@ def normalize_mask(mask: Any, input_size: Sequence[int], batch: int) -> np.ndarr
 
     Accepts booleans or integers 0/1; anything else raises ``InputError`` naming the problem.
     """
-    from sigec.core.errors import InputError
 
     h, w = (int(v) for v in input_size)
     try:
