@@ -8,7 +8,7 @@
 # Needs python3 with PyTorch (CUDA) and Triton; onnx, onnx-ir, onnxscript, numpy, rich and pytest
 # must be importable too (or come as wheels in --wheels DIR). Nothing is downloaded and nothing is
 # built: sigec runs from this source tree through PYTHONPATH (a folder of symbolic links gives the
-# installed layout sigec/{passes,runtime}), so the native ONNX Runtime operators are not needed.
+# installed layout sigec/{passes,runtime,gpu}), so the native ONNX Runtime operators are not needed.
 # Without diffusers the ddpm UNet rows are skipped with a message.
 #
 # Writes OUTDIR/environment.txt, OUTDIR/triton_tests.log, OUTDIR/tensorrt_kernel_tests.log, OUTDIR/gpu_bench.md (the table),
@@ -48,7 +48,7 @@ OUTDIR=$(cd "$OUTDIR" && pwd)
 WORK=$(mktemp -d) || die "mktemp failed"
 trap 'rm -rf "$WORK"' EXIT
 # Python puts the current folder first on sys.path (python -c, -m): run from $WORK so that the
-# repository's own sigec/ folder (which lacks passes/ and runtime/) is never imported.
+# repository's own sigec/ folder (which lacks passes/, runtime/ and gpu/) is never imported.
 cd "$WORK" || die "cannot enter $WORK"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
 
@@ -92,6 +92,7 @@ mkdir -p "$WORK/src/sigec"
 for entry in "$REPO"/sigec/*; do ln -s "$entry" "$WORK/src/sigec/$(basename "$entry")"; done
 ln -s "$REPO/passes" "$WORK/src/sigec/passes"
 ln -s "$REPO/runtime" "$WORK/src/sigec/runtime"
+ln -s "$REPO/plugins/gpu" "$WORK/src/sigec/gpu"
 export PYTHONPATH="$WORK/src${PYTHONPATH:+:$PYTHONPATH}"
 SIGEC_AT=$("$PY" -c "import sigec, sigec.passes, sigec.gpu.triton_ops; print(sigec.__file__)") \
   || die "sigec does not import from the source tree (see the error above)"
