@@ -1,20 +1,25 @@
 """The production engine: prime caches with the original inputs, then run edits sparsely.
 
+The Engine is a facade over small parts: runtime/input_validation.py checks what callers pass,
+runtime/cache_store.py holds the primed entries (LRU order, the byte bound), runtime/rwlock.py is
+an entry's lock, runtime/tiles.py moves tiles in and out of caches, runtime/costs.py counts MACs.
+This module executes: ``prime`` (FULL), ``run`` (mask -> tiles -> SPARSE, or DENSE past the
+fallback fraction), ``run_dense``, and the cache updates of ``run(update_cache=True)``.
+
 Threading contract
 ------------------
 ``prime``, ``run``, ``run_dense``, ``drop``, ``cache_keys`` and ``cache_bytes`` may be called from
 many threads at once, on the same key or on different keys:
 
-- Every cache entry (one per key) has a readers-writer lock. ``run`` without ``update_cache``
-  holds it shared while it reads the entry; ``run(update_cache=True)`` holds it exclusively for the
-  whole run (read, compute, write); ``prime`` on an existing key holds the old entry's lock
-  exclusively while it swaps the new entry in. A run therefore sees a key's caches entirely before
-  or entirely after any update or re-prime, never a mix. Waiting writers have priority over new
-  readers, so a stream of runs cannot starve an update.
-- Runs on different keys never wait for each other. The engine-wide dictionary of entries has its
-  own short lock that is never held while waiting for an entry lock or running a graph.
-- A run that acquired an entry which a concurrent ``prime`` replaced (or an eviction removed)
-  meanwhile starts over on the current entry (or raises ``CacheError`` for an evicted key).
+- ``run`` without ``update_cache`` holds its key's entry lock shared while it reads the entry;
+  ``run(update_cache=True)`` holds it exclusively for the whole run (read, compute, write);
+  ``prime`` on an existing key holds the old entry's lock exclusively while it swaps the new entry
+  in. A run therefore sees a key's caches entirely before or entirely after any update or
+  re-prime, never a mix. Waiting writers have priority over new readers (runtime/rwlock.py), so a
+  stream of runs cannot starve an update.
+- Runs on different keys never wait for each other; a run that acquired an entry which a
+  concurrent ``prime`` replaced (or an eviction removed) meanwhile starts over on the current
+  entry (or raises ``CacheError`` for an evicted key). Details: runtime/cache_store.py.
 - ``engine.stats`` is thread-local: it describes the last ``run`` made by the calling thread.
 - The backends' runners are called concurrently; ONNX Runtime sessions and the PyTorch reference
   executor are safe for concurrent ``run`` calls. Results do not depend on concurrency (with the
@@ -41,74 +46,21 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 
-from sigec.core.errors import BackendError, CacheError, InputError, SigecError
+from sigec.core.errors import BackendError, CacheError, SigecError
+from sigec.core.mask_program import TileIndex, dilate_for_run, normalize_mask, run_mask_program, tiles_for_mask
 from sigec.core.names import coords_input, grid_input
 from sigec.core.options import DENSE_FALLBACK_FRACTION
 from sigec.runtime import costs
-from sigec.core.mask_program import TileIndex, dilate_for_run, normalize_mask, run_mask_program, tiles_for_mask
-from sigec.runtime.tiles import scatter_tiles_inplace
+from sigec.runtime.cache_store import DEFAULT_KEY, CacheEntry, CacheStore, resolve_key
+from sigec.runtime.input_validation import Inputs, check_mask_options, check_static_inputs, validate_inputs
+from sigec.runtime.tiles import gather_tiles, scatter_tiles_inplace, tile_grid
 
-DEFAULT_KEY = "default"
-_EVICTED_MEMORY = 256  # how many evicted keys are remembered for clearer error messages
-
-
-class _ReadWriteLock:
-    """Many readers or one writer; waiting writers go before new readers."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    def acquire_read(self) -> None:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-
-    def release_read(self) -> None:
-        with self._cond:
-            self._readers -= 1
-            if not self._readers:
-                self._cond.notify_all()
-
-    def acquire_write(self) -> None:
-        with self._cond:
-            self._writers_waiting += 1
-            try:
-                while self._writer or self._readers:
-                    self._cond.wait()
-            finally:
-                self._writers_waiting -= 1
-            self._writer = True
-
-    def release_write(self) -> None:
-        with self._cond:
-            self._writer = False
-            self._cond.notify_all()
-
-
-@dataclass
-class CacheEntry:
-    """Everything primed for one key: the original inputs and outputs and the FULL graph's caches."""
-
-    inputs: dict[str, np.ndarray]
-    outputs: list[np.ndarray]
-    tensors: dict[str, np.ndarray]
-    lock: _ReadWriteLock = field(default_factory=_ReadWriteLock)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by this entry."""
-        return sum(a.nbytes for a in self.tensors.values()) + sum(a.nbytes for a in self.inputs.values()) + \
-            sum(a.nbytes for a in self.outputs)
+__all__ = ["DEFAULT_KEY", "CacheEntry", "Engine", "RunStats"]
 
 
 @dataclass
@@ -138,31 +90,6 @@ class _PreparedUpdate:
     undo: np.ndarray
 
 
-def _format_bytes(n: int) -> str:
-    return f"{n} bytes ({n / 2 ** 20:.2f} MiB)"
-
-
-def _gather_tiles(base: np.ndarray, coords: np.ndarray, tile: int) -> np.ndarray:
-    """The tiles of ``base`` [B, C, H, W] at ``coords`` [N, 3] as [N, C, T, T] (zero past the border).
-
-    The inverse of ``scatter_tiles_inplace``: scattering the result back leaves ``base`` unchanged.
-    """
-    batch, channels, height, width = base.shape
-    out = np.zeros((coords.shape[0], channels, tile, tile), base.dtype)
-    gh_full, gw_full = height // tile, width // tile
-    inner = (coords[:, 1] < gh_full) & (coords[:, 2] < gw_full)
-    if inner.any():
-        view = base[:, :, :gh_full * tile, :gw_full * tile].reshape(batch, channels, gh_full, tile, gw_full, tile)
-        c = coords[inner]
-        out[inner] = view[c[:, 0], :, c[:, 1], :, c[:, 2], :]
-    for n in np.nonzero(~inner)[0]:
-        b, ty, tx = (int(v) for v in coords[n])
-        y0, x0 = ty * tile, tx * tile
-        h, w = min(tile, height - y0), min(tile, width - x0)
-        out[n, :, :h, :w] = base[b, :, y0:y0 + h, x0:x0 + w]
-    return out
-
-
 class Engine:
     """A loaded sigec engine (see ``sigec.load``)."""
 
@@ -174,11 +101,9 @@ class Engine:
         self._inputs = list(self.manifest["inputs"])
         self._outputs = [o["name"] for o in self.manifest["outputs"]]
         self._spatial = [i["name"] for i in self._inputs if i["spatial"]]
-        # Entries by key, least recently used first; guarded by _caches_lock.
-        self._caches: OrderedDict[Hashable, CacheEntry] = OrderedDict()
-        self._evicted: OrderedDict[Hashable, None] = OrderedDict()
-        self._caches_lock = threading.Lock()
-        self._max_cache_bytes = self._check_max_bytes(max_cache_bytes)
+        self._mask_size = self.manifest["mask_program"]["input_size"]  # what normalize_mask needs
+        self._batch = int(self.manifest.get("batch", 1))
+        self._store = CacheStore(max_cache_bytes)
         options = self.manifest.get("options", {})
         # Fall back to the dense graph when the sparse run would execute at least this fraction of
         # the dense MACs (the sparse path's overheads make it slower beyond that point).
@@ -206,83 +131,64 @@ class Engine:
     @property
     def max_cache_bytes(self) -> int | None:
         """Bound on the bytes held by all keys' entries (None: unbounded); see the module docstring."""
-        return self._max_cache_bytes
+        return self._store.max_bytes
 
     @max_cache_bytes.setter
     def max_cache_bytes(self, value: int | None) -> None:
         """Change the bound; least recently used keys are evicted at once until the entries fit."""
-        value = self._check_max_bytes(value)
-        with self._caches_lock:
-            self._max_cache_bytes = value
-            self._evict_locked(keep=None)
+        self._store.max_bytes = value
 
     def cache_keys(self) -> list[Hashable]:
         """Keys that have been primed (and not dropped or evicted), least recently used first."""
-        with self._caches_lock:
-            return list(self._caches)
+        return self._store.keys()
 
     def cache_bytes(self, key: Hashable | None = None) -> int:
         """Bytes held by the cache of ``key`` (all keys when None)."""
-        with self._caches_lock:
-            if key is None:
-                return sum(e.nbytes for e in self._caches.values())
-            return self._entry_locked(self._resolve_key(key)).nbytes
+        return self._store.nbytes(None if key is None else resolve_key(key))
 
     def drop(self, key: Hashable | None = None) -> None:
         """Forget the cache of ``key`` (nothing happens for a key that is not primed)."""
-        key = self._resolve_key(key)
-        with self._caches_lock:
-            self._caches.pop(key, None)
+        self._store.drop(resolve_key(key))
 
-    def prime(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray], *, key: Hashable | None = None) -> list[np.ndarray]:
+    def prime(self, inputs: Inputs, *, key: Hashable | None = None) -> list[np.ndarray]:
         """Run the FULL graph on the original inputs and keep its caches under ``key``; return the outputs.
 
         Nothing changes if it fails. With ``max_cache_bytes`` set, least recently used keys are
         evicted to make room; an entry larger than the bound raises ``CacheError``.
         """
-        feeds = self._validate_inputs(inputs)
-        key = self._resolve_key(key)
+        feeds = validate_inputs(inputs, self._inputs)
+        key = resolve_key(key)
         expected = self.expected_entry_bytes()
         if expected is not None:
-            self._check_fits(key, expected)
+            self._store.check_fits(key, expected)  # refuse before the expensive FULL run
         results = self._run_full(feeds)
         outputs = [results[n] for n in self._outputs]
         entry = CacheEntry(inputs={k: v.copy() for k, v in feeds.items()}, outputs=outputs,
                            tensors=self._own_caches(results, feeds, outputs))
-        self._check_fits(key, entry.nbytes)
-        with self._caches_lock:
-            old = self._caches.get(key)
-        if old is not None:
-            old.lock.acquire_write()
-            try:
-                self._install(key, entry)
-            finally:
-                old.lock.release_write()
-        else:
-            self._install(key, entry)
+        self._store.check_fits(key, entry.nbytes)
+        self._store.install(key, entry)
         return [o.copy() for o in outputs]
 
-    def run_dense(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> list[np.ndarray]:
+    def run_dense(self, inputs: Inputs) -> list[np.ndarray]:
         """Run the plain dense model."""
-        feeds = self._validate_inputs(inputs)
+        feeds = validate_inputs(inputs, self._inputs)
         return self._call_runner("dense", feeds, self._outputs)
 
-    def run(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray], *, mask: np.ndarray | None = None,
-            key: Hashable | None = None, update_cache: bool = False, threshold: float | None = None,
-            dilation: int | None = None) -> list[np.ndarray]:
+    def run(self, inputs: Inputs, *, mask: np.ndarray | None = None, key: Hashable | None = None,
+            update_cache: bool = False, threshold: float | None = None, dilation: int | None = None) -> list[np.ndarray]:
         """Run the edited inputs incrementally against the cache of ``key``; return the outputs.
 
         With ``update_cache=True`` the edit becomes the key's new original, all or nothing: if the
         call raises, the key's caches, inputs and outputs are exactly as before.
         """
         start = time.perf_counter()
-        feeds = self._validate_inputs(inputs)
-        key = self._resolve_key(key)
-        self._check_mask_options(threshold, dilation)
-        given_mask = self._normalize_mask(mask) if mask is not None else None
-        entry = self._acquire(key, write=update_cache)
+        feeds = validate_inputs(inputs, self._inputs)
+        key = resolve_key(key)
+        check_mask_options(threshold, dilation)
+        given_mask = normalize_mask(mask, self._mask_size, self._batch) if mask is not None else None
+        entry = self._store.acquire(key, write=update_cache)
         try:
-            self._check_static_inputs(feeds, entry, key)
+            check_static_inputs(feeds, entry.inputs, self._spatial, key)
             pixel_mask = self._pixel_mask(feeds, entry, given_mask, threshold, dilation)
             if not pixel_mask.any():
                 self._record("empty", start, {}, 0)
@@ -298,16 +204,13 @@ class Engine:
             self._record("sparse", start, tiles, self._executed_macs(tiles))
             return outputs
         finally:
-            if update_cache:
-                entry.lock.release_write()
-            else:
-                entry.lock.release_read()
+            entry.lock.release(write=update_cache)
 
     def expected_macs(self, mask: np.ndarray, *, dilation: int | None = None) -> tuple[int, int, dict[str, TileIndex]]:
         """(dense MACs, executed MACs, tile indices) that ``run(mask=mask, dilation=dilation)`` would
         have, without running anything (the mask is dilated as ``run`` dilates it)."""
-        self._check_mask_options(None, dilation)
-        tiles = tiles_for_mask(self.manifest, self._normalize_mask(mask), dilation)
+        check_mask_options(None, dilation)
+        tiles = tiles_for_mask(self.manifest, normalize_mask(mask, self._mask_size, self._batch), dilation)
         return self._dense_macs(), self._executed_macs(tiles), tiles
 
     def expected_entry_bytes(self) -> int | None:
@@ -319,178 +222,11 @@ class Engine:
             total += math.prod(int(d) for d in spec["shape"]) * np.dtype(spec["dtype"]).itemsize
         return total
 
-    # ----- cache store --------------------------------------------------------------------------
-    @staticmethod
-    def _check_max_bytes(value: int | None) -> int | None:
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise CacheError(f"max_cache_bytes must be a positive integer or None, got {value!r}")
-        return int(value)
-
-    @staticmethod
-    def _resolve_key(key: Hashable | None) -> Hashable:
-        if key is None:
-            return DEFAULT_KEY
-        try:
-            hash(key)
-        except TypeError as exc:
-            raise CacheError(f"cache key {key!r} is not hashable (use a str, int or tuple)") from exc
-        return key
-
-    def _check_fits(self, key: Hashable, nbytes: int) -> None:
-        bound = self._max_cache_bytes
-        if bound is not None and nbytes > bound:
-            raise CacheError(f"the cache of key {key!r} needs {_format_bytes(nbytes)}, more than "
-                             f"max_cache_bytes = {_format_bytes(bound)}; raise max_cache_bytes")
-
-    def _install(self, key: Hashable, entry: CacheEntry) -> None:
-        with self._caches_lock:
-            self._caches[key] = entry
-            self._caches.move_to_end(key)
-            self._evicted.pop(key, None)
-            self._evict_locked(keep=key)
-
-    def _evict_locked(self, keep: Hashable | None) -> None:
-        """Evict least recently used keys (never ``keep``) until the entries fit the bound."""
-        bound = self._max_cache_bytes
-        if bound is None:
-            return
-        total = sum(e.nbytes for e in self._caches.values())
-        for victim in [k for k in self._caches if k != keep]:
-            if total <= bound:
-                break
-            total -= self._caches.pop(victim).nbytes
-            self._evicted[victim] = None
-            while len(self._evicted) > _EVICTED_MEMORY:
-                self._evicted.popitem(last=False)
-
-    def _entry_locked(self, key: Hashable) -> CacheEntry:
-        """The entry of ``key``; the caller holds ``_caches_lock``."""
-        entry = self._caches.get(key)
-        if entry is not None:
-            return entry
-        if key in self._evicted:
-            raise CacheError(f"cache key {key!r} was evicted (least recently used) to stay under max_cache_bytes = "
-                             f"{_format_bytes(self._max_cache_bytes or 0)}; prime it again")
-        if not self._caches:
-            raise CacheError(f"no cache for key {key!r}: run() before prime(); call engine.prime(original_inputs, "
-                             f"key={key!r}) first")
-        primed = list(self._caches)
-        more = f" and {len(primed) - 10} more" if len(primed) > 10 else ""
-        raise CacheError(f"unknown cache key {key!r}; primed keys: {primed[:10]}{more}")
-
-    def _entry(self, key: Hashable) -> CacheEntry:
-        with self._caches_lock:
-            return self._entry_locked(key)
-
-    def _acquire(self, key: Hashable, *, write: bool) -> CacheEntry:
-        """The current entry of ``key`` with its lock held (shared or exclusive); marks it used."""
-        while True:
-            entry = self._entry(key)
-            (entry.lock.acquire_write if write else entry.lock.acquire_read)()
-            with self._caches_lock:
-                current = self._caches.get(key)
-                if current is entry:
-                    self._caches.move_to_end(key)
-                    return entry
-            # Replaced by a concurrent prime or evicted while we waited: start over.
-            (entry.lock.release_write if write else entry.lock.release_read)()
-
-    def _own_caches(self, results: Mapping[str, np.ndarray], feeds: Mapping[str, np.ndarray],
-                    outputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-        """The caches from FULL's results as C-contiguous, writable arrays that alias nothing else.
-
-        A backend may return one array for two names or a view of a feed (the PyTorch executor
-        returns graph inputs as views), and outputs are handed to the caller; caches are updated in
-        place, so each gets its own memory.
-        """
-        others: list[np.ndarray] = [*feeds.values(), *outputs]
-        tensors = {}
-        for c in self.manifest["caches"]:
-            array = np.asarray(results[c["source"]])
-            if array.dtype != np.dtype(c["dtype"]) or list(array.shape) != list(c["shape"]):
-                raise BackendError(f"the FULL graph returned cache source '{c['source']}' with shape "
-                                   f"{list(array.shape)} and dtype {array.dtype}, expected {c['shape']} {c['dtype']}")
-            if not (array.flags.c_contiguous and array.flags.writeable) or \
-                    any(np.may_share_memory(array, o) for o in others):
-                array = np.array(array, order="C", copy=True)
-            tensors[c["name"]] = array
-            others.append(array)
-        return tensors
-
-    # ----- validation -------------------------------------------------------------------------
-    def _validate_inputs(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-        specs = {i["name"]: i for i in self._inputs}
-        if isinstance(inputs, Mapping):
-            unknown = [k for k in inputs if k not in specs]
-            if unknown:
-                raise InputError(f"unknown input name(s) {unknown}; the engine's inputs are {list(specs)}")
-            missing = [k for k in specs if k not in inputs]
-            if missing:
-                raise InputError(f"missing input(s) {missing}; the engine's inputs are {list(specs)}")
-            items = dict(inputs)
-        elif isinstance(inputs, np.ndarray) or (isinstance(inputs, Sequence) and not isinstance(inputs, (str, bytes))):
-            seq = [inputs] if isinstance(inputs, np.ndarray) else list(inputs)
-            if len(seq) != len(specs):
-                raise InputError(f"expected {len(specs)} inputs ({list(specs)}), got {len(seq)}")
-            items = dict(zip(specs, seq))
-        else:
-            raise InputError(f"inputs must be a mapping from input name to array or a sequence of arrays in the "
-                             f"order {list(specs)}, got {type(inputs).__name__}")
-        return {name: self._validate_input(name, value, specs[name]) for name, value in items.items()}
-
-    @staticmethod
-    def _validate_input(name: str, value: Any, spec: Mapping[str, Any]) -> np.ndarray:
-        try:
-            array = np.asarray(value)
-        except Exception as exc:
-            raise InputError(f"input '{name}' is not an array: {exc}") from exc
-        want = np.dtype(spec["dtype"])
-        converted_from = None
-        if array.dtype != want:
-            if array.dtype.kind in "fiu" and want.kind in "fiu" and np.can_cast(array.dtype, want, "same_kind"):
-                converted_from = array.dtype
-                with np.errstate(over="ignore", invalid="ignore"):
-                    array = array.astype(want)
-            else:
-                raise InputError(f"input '{name}' has dtype {array.dtype}, expected {want} (or a numeric dtype "
-                                 f"that converts to it)")
-        if list(array.shape) != list(spec["shape"]):
-            raise InputError(f"input '{name}' has shape {list(array.shape)}, expected {list(spec['shape'])}")
-        if array.dtype.kind == "f":
-            bad = ~np.isfinite(array)
-            if bad.any():
-                first = tuple(int(i) for i in np.argwhere(bad)[0])
-                after = f" after conversion from {converted_from} to {want}" if converted_from is not None else ""
-                raise InputError(f"input '{name}' contains {int(bad.sum())} NaN or Inf value(s){after}, the first at "
-                                 f"index {first}; sigec refuses non-finite inputs")
-        return np.asarray(array, order="C")
-
-    @staticmethod
-    def _check_mask_options(threshold: float | None, dilation: int | None) -> None:
-        if threshold is not None:
-            try:
-                value = float(threshold)
-            except (TypeError, ValueError) as exc:
-                raise InputError(f"threshold must be a number, got {threshold!r}") from exc
-            if not math.isfinite(value) or value < 0:
-                raise InputError(f"threshold must be a finite number >= 0, got {threshold!r}")
-        if dilation is not None:
-            if isinstance(dilation, bool) or not isinstance(dilation, (int, np.integer)) or dilation < 0:
-                raise InputError(f"dilation must be an integer >= 0 (pixels), got {dilation!r}")
-
-    def _check_static_inputs(self, feeds: Mapping[str, np.ndarray], entry: CacheEntry, key: Hashable) -> None:
-        for name, value in feeds.items():
-            if name not in self._spatial and not np.array_equal(value, entry.inputs[name]):
-                raise InputError(f"input '{name}' differs from the value primed for key {key!r}; non-spatial inputs "
-                                 f"(e.g. a timestep) select the cache: prime a key with this value")
-
-    def _normalize_mask(self, mask: np.ndarray) -> np.ndarray:
-        return normalize_mask(mask, self.manifest["mask_program"]["input_size"], int(self.manifest.get("batch", 1)))
-
+    # ----- masks ------------------------------------------------------------------------------
     def _pixel_mask(self, feeds: Mapping[str, np.ndarray], entry: CacheEntry, mask: np.ndarray | None,
                     threshold: float | None, dilation: int | None) -> np.ndarray:
+        """The run's pixel mask: the given one, or where a spatial input differs from the primed one
+        by more than the threshold; dilated as ``dilate_for_run`` does."""
         program = self.manifest["mask_program"]
         if mask is not None:
             pixel = mask
@@ -524,6 +260,28 @@ class Engine:
         # A cache of a model input (a timestep used directly by the sparse region) is the input itself.
         results.update({s: feeds[s] for s in cache_sources if s in feeds and s not in results})
         return results
+
+    def _own_caches(self, results: Mapping[str, np.ndarray], feeds: Mapping[str, np.ndarray],
+                    outputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """The caches from FULL's results as C-contiguous, writable arrays that alias nothing else.
+
+        A backend may return one array for two names or a view of a feed (the PyTorch executor
+        returns graph inputs as views), and outputs are handed to the caller; caches are updated in
+        place, so each gets its own memory.
+        """
+        others: list[np.ndarray] = [*feeds.values(), *outputs]
+        tensors = {}
+        for c in self.manifest["caches"]:
+            array = np.asarray(results[c["source"]])
+            if array.dtype != np.dtype(c["dtype"]) or list(array.shape) != list(c["shape"]):
+                raise BackendError(f"the FULL graph returned cache source '{c['source']}' with shape "
+                                   f"{list(array.shape)} and dtype {array.dtype}, expected {c['shape']} {c['dtype']}")
+            if not (array.flags.c_contiguous and array.flags.writeable) or \
+                    any(np.may_share_memory(array, o) for o in others):
+                array = np.array(array, order="C", copy=True)
+            tensors[c["name"]] = array
+            others.append(array)
+        return tensors
 
     def _fractions(self, tiles: Mapping[str, TileIndex]) -> dict[str, float]:
         return {name: t.fraction for name, t in tiles.items()}
@@ -574,13 +332,13 @@ class Engine:
                                    f"{list(want)} ({coords.shape[0]} active tiles of {res})")
             if not np.can_cast(vals.dtype, base.dtype, "same_kind"):
                 raise BackendError(f"update '{name}' has dtype {vals.dtype}, cache '{cache}' holds {base.dtype}")
-            grid = (base.shape[0], -(-base.shape[2] // tile), -(-base.shape[3] // tile))
+            grid = tile_grid(base.shape, tile)
             if coords.size and ((coords < 0).any() or (coords >= np.asarray(grid)).any()):
                 raise CacheError(f"tile coordinates of {res} fall outside the tile grid {list(grid)} of cache '{cache}'")
             if not (base.flags.c_contiguous and base.flags.writeable):
                 raise CacheError(f"cache '{cache}' of this key is not a writable C-contiguous array")
             prepared.append(_PreparedUpdate(cache, np.ascontiguousarray(vals, dtype=base.dtype), coords,
-                                            _gather_tiles(base, coords, tile)))
+                                            gather_tiles(base, coords, tile)))
         return prepared
 
     def _scatter(self, base: np.ndarray, vals: np.ndarray, coords: np.ndarray) -> None:

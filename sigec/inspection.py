@@ -13,10 +13,6 @@ from sigec.runtime import costs
 from sigec.core.mask_program import normalize_mask, tiles_for_mask
 
 
-def _normalize_mask(manifest: dict[str, Any], mask: np.ndarray) -> np.ndarray:
-    return normalize_mask(mask, manifest["mask_program"]["input_size"], int(manifest.get("batch", 1)))
-
-
 def report(manifest: dict[str, Any], mask: np.ndarray | None = None) -> dict[str, Any]:
     """The inspection report as plain data (what ``--json`` prints)."""
     nodes = [dict(n) for n in manifest["nodes"]]
@@ -32,7 +28,8 @@ def report(manifest: dict[str, Any], mask: np.ndarray | None = None) -> dict[str
         "nodes": nodes,
     }
     if mask is not None:
-        tiles = tiles_for_mask(manifest, _normalize_mask(manifest, mask))
+        tiles = tiles_for_mask(manifest, normalize_mask(mask, manifest["mask_program"]["input_size"],
+                                                        int(manifest.get("batch", 1))))
         for n in nodes:
             n["executed_macs"] = costs.node_macs(n, tiles)
         executed = costs.executed_macs(nodes, tiles)

@@ -165,8 +165,8 @@ def test_runs_mixed_with_updates_and_primes(engine_path):
             _assert_same(out, ref)
     for out, ref in zip(got_updates, expected_updates, strict=True):
         _assert_same(out, ref)
-    for name, value in replay._caches["u"].tensors.items():
-        np.testing.assert_array_equal(engine._caches["u"].tensors[name], value)
+    for name, value in replay._store.entry("u").tensors.items():
+        np.testing.assert_array_equal(engine._store.entry("u").tensors[name], value)
     assert sorted(map(str, engine.cache_keys())) == ["a", "b", "extra-23", "extra-24", "u"]
 
 
@@ -221,5 +221,5 @@ def test_readers_never_see_a_half_applied_update(engine_path):
             engine.run({"x": x}, mask=flip_mask, key="f", update_cache=True)
 
     _run_threads([reader(t) for t in range(THREADS - 1)] + [writer])
-    for name, value in replay._caches["f"].tensors.items():
-        np.testing.assert_array_equal(engine._caches["f"].tensors[name], value)
+    for name, value in replay._store.entry("f").tensors.items():
+        np.testing.assert_array_equal(engine._store.entry("f").tensors[name], value)

@@ -14,8 +14,7 @@ from onnx import TensorProto, helper
 import sigec
 from sigec import BackendError, CacheError, InputError
 from sigec.runtime import engine as engine_module
-from sigec.runtime.engine import _gather_tiles
-from sigec.runtime.tiles import scatter_tiles_inplace
+from sigec.runtime.tiles import gather_tiles, scatter_tiles_inplace
 from random_nets import random_local_net
 
 SIZE = 20  # the local net's input is [1, 3, 20, 20]; its caches are at 40x40 with 8 px tiles (border tiles)
@@ -39,6 +38,27 @@ def _static_input_net() -> onnx.ModelProto:
     return model
 
 
+def _int_timestep_net() -> onnx.ModelProto:
+    """x [1, 2, 12, 12] float32 (spatial) and t [1] int64 (non-spatial: an integer timestep, cast in the graph)."""
+    rng = np.random.default_rng(1)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (4, 2, 3, 3)), ("w2", (3, 4, 3, 3)), ("s", (1, 4, 1, 1)))]
+    inits.append(onnx.numpy_helper.from_array(np.array([1, 1, 1, 1], np.int64), "shape4"))
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Cast", ["t"], ["tf"], to=TensorProto.FLOAT),
+             helper.make_node("Reshape", ["tf", "shape4"], ["t4"]),
+             helper.make_node("Mul", ["t4", "s"], ["temb"]),
+             helper.make_node("Add", ["c1", "temb"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "int_timestep", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 12, 12]),
+                                                      helper.make_tensor_value_info("t", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 12, 12])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    return model
+
+
 @pytest.fixture(scope="module")
 def local_path(tmp_path_factory):
     return sigec.compile(random_local_net(7, depth=6, size=(SIZE, SIZE)),
@@ -48,6 +68,11 @@ def local_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def static_path(tmp_path_factory):
     return sigec.compile(_static_input_net(), tmp_path_factory.mktemp("rel") / "static.sigec", mode="exact")
+
+
+@pytest.fixture(scope="module")
+def int_timestep_path(tmp_path_factory):
+    return sigec.compile(_int_timestep_net(), tmp_path_factory.mktemp("rel") / "int_timestep.sigec", mode="exact")
 
 
 @pytest.fixture
@@ -66,14 +91,14 @@ def _edit(x: np.ndarray, y0: int = 3, x0: int = 4, h: int = 3, w: int = 5, delta
 
 
 def _snapshot(engine, key="default"):
-    entry = engine._caches[key]
+    entry = engine._store.entry(key)
     return ({k: v.copy() for k, v in entry.tensors.items()}, {k: v.copy() for k, v in entry.inputs.items()},
             [o.copy() for o in entry.outputs])
 
 
 def _assert_same_entry(engine, snapshot, key="default"):
     tensors, inputs, outputs = snapshot
-    entry = engine._caches[key]
+    entry = engine._store.entry(key)
     assert entry.tensors.keys() == tensors.keys()
     for name, value in tensors.items():
         np.testing.assert_array_equal(entry.tensors[name], value, err_msg=name)  # bit-identical
@@ -132,6 +157,47 @@ def test_overflow_in_conversion_is_reported_as_such(engine):
     # a float64 input that fits is converted and accepted, as before
     out64 = engine.prime({"x": _x(0).astype(np.float64)})
     np.testing.assert_array_equal(out64[0], engine.prime({"x": _x(0)})[0])
+
+
+@pytest.mark.parametrize("method", ["prime", "run", "run_dense"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.int64, np.bool_])
+def test_integer_data_for_a_float_input_is_refused(engine, method, dtype):
+    # 0..255 pixels silently converted for a model that expects normalised floats would give garbage
+    engine.prime({"x": _x(0)})
+    pixels = np.random.default_rng(0).integers(0, 256, (1, 3, SIZE, SIZE)).astype(dtype)
+    with pytest.raises(InputError, match=rf"input 'x' has dtype {np.dtype(dtype)}, expected float32; .*"
+                                         rf"arr\.astype\(np\.float32\), scaled as the model expects"):
+        getattr(engine, method)({"x": pixels})
+    assert engine.cache_keys() == ["default"]
+
+
+def test_float16_and_float64_inputs_are_converted(engine):
+    x16 = _x(0).astype(np.float16)
+    want = engine.prime({"x": x16.astype(np.float32)})
+    for x in (x16, x16.astype(np.float64)):
+        np.testing.assert_array_equal(engine.prime({"x": x})[0], want[0])
+        np.testing.assert_array_equal(engine.run_dense({"x": x})[0], engine.run_dense({"x": x16.astype(np.float32)})[0])
+    x1, mask = _edit(_x(0))
+    _assert_exact(engine.run({"x": x1.astype(np.float16)}, mask=mask), engine.run_dense({"x": x1.astype(np.float16)}))
+
+
+def test_integer_timestep_input_still_works(int_timestep_path):
+    engine = sigec.load(int_timestep_path, threads=1)
+    assert [(i["name"], i["dtype"], i["spatial"]) for i in engine.manifest["inputs"]] == \
+        [("x", "float32", True), ("t", "int64", False)]
+    rng = np.random.default_rng(2)
+    x0 = rng.standard_normal((1, 2, 12, 12)).astype(np.float32)
+    engine.prime({"x": x0, "t": np.array([7], np.int64)}, key=7)
+    x1 = x0.copy()
+    x1[..., 2:4, 3:6] += 1.0
+    dense = engine.run_dense({"x": x1, "t": np.array([7])})
+    for t in (np.array([7], np.int64), np.array([7], np.int32)):  # an int32 timestep converts to int64
+        _assert_exact(engine.run({"x": x1, "t": t}, key=7), dense)
+        assert engine.stats.path == "sparse"
+    with pytest.raises(InputError, match=r"input 't' has dtype float32, expected int64"):
+        engine.run({"x": x1, "t": np.array([7.0], np.float32)}, key=7)
+    with pytest.raises(InputError, match=r"input 't' differs from the value primed for key 7"):
+        engine.run({"x": x1, "t": np.array([8])}, key=7)
 
 
 def test_bad_masks_are_refused(engine):
@@ -362,8 +428,8 @@ def test_dense_fallback_update_is_all_or_nothing(engine):
     _assert_exact(out, engine.run_dense({"x": x1}))
     reprimed = sigec.load(engine.path, threads=1)
     reprimed.prime({"x": x1})
-    for name, value in reprimed._caches["default"].tensors.items():
-        np.testing.assert_array_equal(engine._caches["default"].tensors[name], value)
+    for name, value in reprimed._store.entry("default").tensors.items():
+        np.testing.assert_array_equal(engine._store.entry("default").tensors[name], value)
 
 
 def test_update_writes_only_the_active_tiles(engine):
@@ -380,9 +446,9 @@ def test_update_writes_only_the_active_tiles(engine):
     active = np.kron(cells[0], np.ones((8, 8), bool))[:40, :40]
     assert 0 < active.sum() < active.size
     for name, value in before[0].items():
-        now = engine._caches["default"].tensors[name]
+        now = engine._store.entry("default").tensors[name]
         np.testing.assert_array_equal(now[..., ~active], value[..., ~active])
-    np.testing.assert_array_equal(engine._caches["default"].inputs["x"], x1)
+    np.testing.assert_array_equal(engine._store.entry("default").inputs["x"], x1)
 
 
 @settings(max_examples=30, deadline=None)
@@ -392,7 +458,7 @@ def test_gather_tiles_inverts_scatter(h, w, tile, seed):
     base = rng.standard_normal((2, 3, h, w)).astype(np.float32)
     grid = (2, -(-h // tile), -(-w // tile))
     cells = np.argwhere(rng.random(grid) < 0.5)
-    saved = _gather_tiles(base, cells, tile)
+    saved = gather_tiles(base, cells, tile)
     assert saved.shape == (len(cells), 3, tile, tile)
     copy = base.copy()
     scatter_tiles_inplace(copy, rng.standard_normal(saved.shape).astype(np.float32), cells)
