@@ -27,7 +27,7 @@ Inputs = Mapping[str, np.ndarray] | Sequence[np.ndarray]
 
 
 def validate_inputs(inputs: Inputs, specs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    """Validated C-contiguous arrays by input name, in the order of ``specs`` (the manifest's inputs).
+    """Validated C-contiguous arrays by input name (``specs``: the manifest's inputs, in declaration order).
 
     ``inputs`` is a mapping name -> array with exactly the declared names, or a sequence (or a
     single array) in declaration order.
