@@ -66,16 +66,20 @@ def _manifest() -> dict[str, Any]:
         "caches": [
             {"name": "c0", "source": "conv_out", "shape": [1, 4, 8, 8], "dtype": "float32", "kind": "activation"}
         ],
-        "resolutions": [{"name": "r8", "size": [8, 8], "tile": 4}],
+        "resolutions": [{"name": "r8", "size": [8, 8], "tile": 4, "mask": "m1"}],
         "mask_program": {
             "input_size": [8, 8],
             "threshold": 0.05,
             "dilation": 1,
-            "instructions": [{"op": "max_pool", "kernel": 2}, {"op": "dilate", "radius": 1}],
+            "instructions": [
+                {"op": "window", "out": "m0", "src": "input", "kernel": [2, 2], "stride": [1, 1],
+                 "pads": [0, 0, 1, 1], "size": [8, 8]},
+                {"op": "dilate", "out": "m1", "src": "m0", "radius": 1},
+            ],
         },
         "updates": [{"output": "y", "cache": "c0", "resolution": "r8"}],
         "approximations": [{"node": "norm0", "kind": "frozen_stats"}],
-        "nodes": [{"name": "conv0", "sparse": True, "block": [4, 4]}],
+        "nodes": [{"name": "conv0", "op_type": "Conv", "kind": "sparse", "block": [4, 4]}],
         "options": {"tile": 4, "dtype": "float32", "nested": {"a": [1, 2.5, None, "s"]}},
         "future_field": {"anything": True},
     }
@@ -560,6 +564,10 @@ def _set(path: tuple[Any, ...], value: Any) -> Callable[[dict[str, Any]], None]:
         (_set(("updates", 0, "cache"), None), "field 'updates[0].cache' must be a string, got null"),
         (_set(("approximations",), [1]), "field 'approximations[0]' must be an object"),
         (_set(("options",), []), "field 'options' must be an object"),
+        (_set(("options", "tile_size"), 0), "field 'options.tile_size' must be at least 1, got 0"),
+        (_set(("options", "tile_size"), "4"), "field 'options.tile_size' must be an integer or an object, got string"),
+        (_set(("options", "tile_size"), {"default": 4, "r8": 4096}), "'options.tile_size.r8' must be at most 1024, got 4096"),
+        (_set(("nodes", 0, "kind"), ...), "field 'nodes[0].kind' is missing"),
         (
             _set(("members", "graphs/full.onnx", "sha256"), "abc"),
             "field \"members['graphs/full.onnx'].sha256\" must match",
@@ -606,8 +614,9 @@ def _edit_weight(position: int, **changes: Any) -> Callable[[dict[str, Any]], No
         (_edit_weight(0, dtype="O"), "dtype 'O' is not allowed"),
         (_edit_weight(0, shape=[4, 3, 1, 2]), "needs 96 bytes, nbytes says 48"),
         (_edit_weight(0, shape=[4, 3, 1, 1], nbytes=47), "needs 48 bytes, nbytes says 47"),
-        (_edit_weight(6, shape=[0] + [2**40] * 3), "is absurd"),
-        (_edit_weight(6, shape=[0] * 40), "is absurd"),
+        (_edit_weight(6, shape=[0] + [2**31 - 1] * 3), "is absurd"),
+        (_edit_weight(6, shape=[0] + [2**40] * 3), "'weights[6].shape[1]' must be at most 2147483647"),
+        (_edit_weight(6, shape=[0] * 40), "'weights[6].shape' must have at most 32 elements"),
         (_edit_weight(1, name="conv.weight"), "duplicate weight name"),
     ],
 )

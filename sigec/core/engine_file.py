@@ -12,6 +12,10 @@ Members (all ZIP_STORED, so the weights can be memory-mapped):
 
 Reading never executes code from the file: it parses JSON, protobuf and raw array bytes only.
 ``manifest.json`` is guarded by its zip CRC-32, every other member by the sha256 in the manifest.
+Checksums are no signature (whoever crafts a file can recompute them), so the contents are
+validated as untrusted: every manifest number is bounded (``sigec.core.manifest_schema``) and every
+graph must be self-contained, with no external data and no unknown operator domain
+(``sigec.core.graph_checks``); writing applies the same checks.
 Every problem found while reading raises ``EngineFileError`` naming the file and the member or field.
 """
 
@@ -38,7 +42,8 @@ from google.protobuf.message import Error as ProtobufError
 
 from sigec.core import VERSION
 from sigec.core.errors import EngineFileError
-from sigec.core.manifest_schema import ManifestSchemaError, validate_manifest
+from sigec.core.graph_checks import model_problem
+from sigec.core.manifest_schema import MAX_RANK, ManifestSchemaError, validate_manifest
 
 FORMAT_NAME = "sigec-engine"
 FORMAT_VERSION = 1
@@ -53,7 +58,7 @@ STORAGE_KEYS = ("members", "weights")
 
 WEIGHT_ALIGNMENT = 64
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
-MAX_WEIGHT_NDIM = 32
+MAX_WEIGHT_NDIM = MAX_RANK
 
 # Little-endian dtypes a weight may have; the key is the name stored in the manifest.
 WEIGHT_DTYPES: dict[str, np.dtype] = {
@@ -619,11 +624,15 @@ def _member_name_problem(name: str) -> str | None:
 
 
 def _graph_problem(data: bytes) -> str | None:
-    """Why ``data`` is not an acceptable engine graph (unparsable, or it holds initializers), or None."""
+    """Why ``data`` is not an acceptable engine graph, or None: unparsable, not self-contained or with
+    unknown operator domains (``sigec.core.graph_checks``), or holding initializers."""
     try:
         model = onnx.ModelProto.FromString(data)
     except (ProtobufError, ValueError, RuntimeError, RecursionError) as exc:
         return f"is not a valid ONNX ModelProto: {exc or type(exc).__name__}"
+    problem = model_problem(model)
+    if problem:
+        return problem
     if len(model.graph.initializer) or len(model.graph.sparse_initializer):
         return "holds initializers; engine graphs keep their weights in weights.bin"
     return None
