@@ -1,12 +1,16 @@
-"""A small builder for the ONNX graphs sigec emits (FULL additions and the SPARSE graph)."""
+"""Appends nodes, inputs and constants to an onnx-ir graph under unique, readable names.
+
+The SPARSE graph is built into a new ``ir.Graph``; the FULL graph's statistics nodes are appended to
+a clone of the canonical model's graph. Names are derived from hints (``vals::conv1``,
+``node:win::conv2``) so that the graphs stay readable and the manifest can name their tensors.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-import onnx
-from onnx import helper
+import onnx_ir as ir
 
 from sigec.core.ops import DOMAIN
 
@@ -15,15 +19,14 @@ SIGEC_OPSET = 1
 
 
 class GraphBuilder:
-    """Accumulates nodes, inputs, outputs and constants with unique tensor names."""
+    """Builds nodes into ``graph`` with ``ir.tape``; names never collide with ``reserved_names``."""
 
-    def __init__(self, reserved_names: Iterable[str] = ()) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.inputs: list[onnx.ValueInfoProto] = []
-        self.outputs: list[onnx.ValueInfoProto] = []
-        self.constants: dict[str, np.ndarray] = {}
+    def __init__(self, graph: ir.Graph, reserved_names: Iterable[str] = ()) -> None:
+        self.graph = graph
+        self._tape = ir.tape.Tape(graph)
         self._used: set[str] = set(reserved_names)
-        self._input_names: set[str] = set()
+        self._inputs: dict[str, ir.Value] = {}
+        self._initializers: dict[str, ir.Value] = {}
         self._counter = 0
 
     def fresh(self, hint: str) -> str:
@@ -35,54 +38,69 @@ class GraphBuilder:
         self._used.add(name)
         return name
 
-    def reserve(self, name: str) -> str:
-        """Mark an exact name as used (it must be free) and return it."""
+    def op(self, op_type: str, inputs: Sequence[ir.Value | None], *, hint: str, domain: str = "",
+           output: str | None = None, attributes: Mapping[str, ir.Attr] | None = None, **values: Any) -> ir.Value:
+        """Append a single-output node; its output is named ``output`` (a reserved name) or from ``hint``.
+
+        Attributes are ``attributes`` (another node's, copied) and keyword Python values (None dropped).
+        """
+        name = output if output is not None else self.fresh(hint)
         self._used.add(name)
-        return name
+        attrs: dict[str, Any] = dict(attributes or {})
+        attrs.update((k, v) for k, v in values.items() if v is not None)
+        return self._tape.op(op_type, inputs, attrs, domain=domain, name=self.fresh(f"node:{hint}"),
+                             output=ir.Value(name=name))
 
-    def node(self, op_type: str, inputs: Sequence[str | None], *, hint: str, n_outputs: int = 1,
-             outputs: Sequence[str] | None = None, domain: str = "", **attributes: Any) -> list[str]:
-        """Append a node; return its output names (fresh names from ``hint`` unless given)."""
-        outs = list(outputs) if outputs is not None else [self.fresh(f"{hint}" if n_outputs == 1 else f"{hint}:{i}")
-                                                           for i in range(n_outputs)]
-        attrs = {k: v for k, v in attributes.items() if v is not None}
-        self.nodes.append(helper.make_node(op_type, ["" if i is None else i for i in inputs], outs,
-                                           name=self.fresh(f"node:{hint}"), domain=domain, **attrs))
-        return outs
+    def copy(self, node: ir.Node, inputs: Sequence[ir.Value | None]) -> Sequence[ir.Value]:
+        """Append a copy of an original node reading ``inputs``; its outputs keep their names (and the
+        node its doc string and metadata)."""
+        attrs = {name: _copy_attr(a) for name, a in node.attributes.items()}
+        outputs = [ir.Value(name=out.name) for out in node.outputs]
+        self._used.update(out.name for out in node.outputs if out.name)
+        return self._tape.op_multi_out(node.op_type, inputs, attrs, domain=node.domain, overload=node.overload,
+                                       version=node.version, name=self.fresh(f"node:{node.name or node.op_type}"),
+                                       doc_string=node.doc_string, metadata_props=dict(node.metadata_props),
+                                       outputs=outputs)
 
-    def node1(self, op_type: str, inputs: Sequence[str | None], *, hint: str, domain: str = "", **attributes: Any) -> str:
-        """Append a single-output node and return the output name."""
-        return self.node(op_type, inputs, hint=hint, domain=domain, **attributes)[0]
-
-    def const(self, array: np.ndarray, hint: str) -> str:
-        """Add a constant tensor (stored with the weights) and return its name."""
+    def const(self, array: np.ndarray, hint: str) -> ir.Value:
+        """A new constant (an initializer, stored with the weights)."""
         name = self.fresh(hint)
-        self.constants[name] = np.asarray(array, order="C")
-        return name
+        return self._tape.initializer(ir.tensor(np.asarray(array, order="C"), name=name), name=name)
 
-    def add_input(self, name: str, elem_type: int, shape: Sequence[int | str]) -> str:
-        """Declare a graph input (once per name)."""
-        if name not in self._input_names:
-            self._input_names.add(name)
+    def initializer(self, original: ir.Value) -> ir.Value:
+        """This graph's copy of an initializer of another graph (the tensor is shared, not copied)."""
+        if original.name not in self._initializers:
+            assert original.const_value is not None and original.name is not None
+            self._initializers[original.name] = self._tape.initializer(original.const_value, name=original.name)
+        return self._initializers[original.name]
+
+    def input(self, name: str, dtype: ir.DataType, shape: Sequence[int | str]) -> ir.Value:
+        """The graph input called ``name`` (declared on first use)."""
+        if name not in self._inputs:
+            value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(list(shape)))
+            self.graph.inputs.append(value)
+            self._inputs[name] = value
             self._used.add(name)
-            self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
-        return name
+        return self._inputs[name]
 
-    def add_output(self, name: str, elem_type: int, shape: Sequence[int | str] | None) -> None:
-        """Declare a graph output."""
-        self.outputs.append(helper.make_tensor_value_info(name, elem_type, None if shape is None else list(shape)))
+    def output(self, value: ir.Value, dtype: ir.DataType, shape: Sequence[int | str]) -> None:
+        """Declare ``value`` a graph output of the given type."""
+        value.dtype = dtype
+        value.shape = ir.Shape(list(shape))
+        self.graph.outputs.append(value)
 
 
-def make_model(graph_name: str, nodes: Sequence[onnx.NodeProto], inputs: Sequence[onnx.ValueInfoProto],
-               outputs: Sequence[onnx.ValueInfoProto], initializers: Mapping[str, np.ndarray],
-               opset_imports: Sequence[onnx.OperatorSetIdProto], *, with_sigec: bool) -> onnx.ModelProto:
-    """Assemble a ModelProto (initializers given as arrays are embedded)."""
-    graph = helper.make_graph(list(nodes), graph_name, list(inputs), list(outputs),
-                              initializer=[onnx.numpy_helper.from_array(np.asarray(a), name=n)
-                                           for n, a in initializers.items()])
-    imports = [op for op in opset_imports if op.domain != SIGEC_DOMAIN]
-    if with_sigec:
-        imports.append(helper.make_opsetid(SIGEC_DOMAIN, SIGEC_OPSET))
-    model = helper.make_model(graph, opset_imports=imports, producer_name="sigec")
-    model.ir_version = 10
-    return model
+def _copy_attr(attr: ir.Attr) -> ir.Attr:
+    """An attribute for a node of another graph (subgraphs are cloned, other values are immutable)."""
+    if attr.type == ir.AttributeType.GRAPH:
+        return ir.Attr(attr.name, attr.type, attr.as_graph().clone(allow_outer_scope_values=True))
+    if attr.type == ir.AttributeType.GRAPHS:
+        return ir.Attr(attr.name, attr.type, [g.clone(allow_outer_scope_values=True) for g in attr.as_graphs()])
+    return attr
+
+
+def sparse_graph(opset_imports: dict[str, int]) -> ir.Graph:
+    """An empty SPARSE graph importing the model's opsets and ``ai.sigec``."""
+    imports = {domain: version for domain, version in opset_imports.items() if domain != SIGEC_DOMAIN}
+    imports[SIGEC_DOMAIN] = SIGEC_OPSET
+    return ir.Graph([], [], nodes=[], opset_imports=imports, name="sigec_sparse")

@@ -1,8 +1,31 @@
-"""How a tensor of the original model is represented inside the SPARSE graph."""
+"""How a tensor of the original model is represented inside the SPARSE graph.
+
+Forms refer to SPARSE-graph values (``ir.Value``); ``Sparse.source`` is the name of the original
+tensor, whose cached value the FULL graph produces. Masks are named by :class:`MaskId`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import onnx_ir as ir
+
+
+@dataclass(frozen=True, order=True)
+class MaskId:
+    """A mask of the mask program (sigec/core/mask_program.py), by its id there.
+
+    Two ids are predefined: :data:`PIXEL_MASK` (the edit's pixel mask, the program's source) and
+    :data:`EMPTY_MASK` (nowhere: constant and static tensors; never written to the manifest, an
+    ``empty`` instruction stands for it there). Where a mask is ``None`` the region is unknown: the
+    tensor may differ from the original anywhere (outputs of dense islands).
+    """
+
+    id: str
+
+
+PIXEL_MASK = MaskId("input")
+EMPTY_MASK = MaskId("empty")
 
 
 @dataclass(frozen=True)
@@ -19,6 +42,11 @@ class Resolution:
         return f"r{self.height}x{self.width}"
 
     @property
+    def size(self) -> list[int]:
+        """``[height, width]``."""
+        return [self.height, self.width]
+
+    @property
     def grid_shape(self) -> tuple[int, int]:
         """Number of tile rows and columns."""
         return (-(-self.height // self.tile), -(-self.width // self.tile))
@@ -28,8 +56,8 @@ class Resolution:
 class Prologue:
     """A per-channel affine transform followed by an activation (fused into TileGather)."""
 
-    scale: str | None = None
-    shift: str | None = None
+    scale: ir.Value | None = None
+    shift: ir.Value | None = None
     activation: str = "none"
     alpha: float = 0.0
     beta: float = 0.0
@@ -49,30 +77,30 @@ class Sparse:
     """
 
     source: str
-    vals: str
+    vals: ir.Value
     res: Resolution
-    mask: str | None = None
-    view: "View | None" = None
+    mask: MaskId | None = None
+    view: View | None = None
 
 
 @dataclass(frozen=True)
 class Dense:
-    """Form D: a full tensor available in the SPARSE graph under ``name``.
+    """Form D: a full tensor available in the SPARSE graph as ``value``.
 
-    ``mask`` is the mask id of the region where it may differ from the original (``"input"`` for
-    model inputs, ``"empty"`` for static or constant tensors); ``None`` means it may differ
-    anywhere (outputs of dense islands), so taking only its active tiles is an approximation.
+    ``mask`` is the region where it may differ from the original (:data:`PIXEL_MASK` for model
+    inputs, :data:`EMPTY_MASK` for static or constant tensors); ``None`` means anywhere (outputs
+    of dense islands), so taking only its active tiles is an approximation.
     """
 
-    name: str
-    mask: str | None
+    value: ir.Value
+    mask: MaskId | None
 
 
 @dataclass(frozen=True)
 class Padded:
     """A Pad node's output, kept virtual so the next Conv or pool folds it into its gather."""
 
-    inner: "Sparse | Dense"
+    inner: Sparse | Dense
     pads: tuple[int, int, int, int]
     mode: str
     node_name: str
@@ -82,11 +110,9 @@ class Padded:
 class View:
     """``prologue(upsample_nearest(inner, factor))`` (see :class:`Sparse`)."""
 
-    inner: "Sparse | Dense"
+    inner: Sparse | Dense
     prologue: Prologue | None = None
     upsample: int = 1
 
 
 Form = Sparse | Dense | Padded
-EMPTY_MASK = "empty"
-INPUT_MASK = "input"

@@ -9,14 +9,16 @@ reports it). See docs/architecture.md for the geometry of each rule.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
+from sigec.core.resize_rules import nearest_source_index
 from sigec.passes._ir_utils import attr, const_array, static_shape
-from sigec.passes.sparse_context import RewriteContext, Unsupported
-from sigec.passes.sparse_forms import Dense, Padded, Prologue, Resolution, Sparse, View
+from sigec.passes.group_norm_match import NormMatch
+from sigec.passes.sparse_context import GatherSource, RewriteContext, Unsupported, shape_of
+from sigec.passes.sparse_forms import Dense, Form, MaskId, Padded, Prologue, Resolution, Sparse, View
 
 Rule = Callable[[RewriteContext, ir.Node], None]
 
@@ -28,9 +30,11 @@ UNARY_ELEMENTWISE = {
 NARY_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu", "Equal",
                     "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Mod", "Clip"}
 PASS_THROUGH = {"Identity", "Dropout"}
+# The nearest Resize coordinate modes whose geometry the rule derives (others stay dense).
+NEAREST_COORDINATE_MODES = ("asymmetric", "align_corners", "half_pixel", "pytorch_half_pixel")
 
 # Activations TileGather can apply in its prologue, with their (alpha, beta) from the node.
-FUSABLE_ACTIVATIONS: dict[str, Callable[[ir.Node], tuple[str, float, float] | None]] = {
+FUSABLE_ACTIVATIONS: dict[str, Callable[[ir.Node], tuple[str, float, float]]] = {
     "Relu": lambda n: ("relu", 0.0, 0.0),
     "LeakyRelu": lambda n: ("leaky_relu", float(attr(n, "alpha", 0.01)), 0.0),
     "Sigmoid": lambda n: ("sigmoid", 0.0, 0.0),
@@ -42,9 +46,9 @@ FUSABLE_ACTIVATIONS: dict[str, Callable[[ir.Node], tuple[str, float, float] | No
 
 def _out_res(ctx: RewriteContext, node: ir.Node) -> Resolution:
     out = node.outputs[0]
-    if not ctx.is_spatial(out):
+    if not ctx.grids.is_spatial(out):
         raise Unsupported(f"output shape {static_shape(out)} is not a feature map")
-    return ctx.res_of(out)
+    return ctx.grids.res_of(out)
 
 
 def _pair(values: list[int] | None, default: int) -> list[int]:
@@ -58,77 +62,92 @@ def _pads4(node: ir.Node) -> list[int]:
     return [int(p) for p in pads] if pads else [0, 0, 0, 0]
 
 
-def _window_source(ctx: RewriteContext, node: ir.Node, pads: list[int]):
-    """Resolve the input of a window op: (inner form, prologue, upsample, pads, pad mode)."""
-    inner, prologue, upsample, extra, mode = ctx.gather_source(ctx.form(node.inputs[0]))
-    if any(extra):
-        if mode != "zeros" and any(pads):
+def _optional_inputs(ctx: RewriteContext, node: ir.Node, first: int) -> list[ir.Value]:
+    """SPARSE values of the constant inputs ``first..`` (weights, bias) that are present."""
+    return [ctx.forms.get(v).value for v in node.inputs[first:] if v is not None]  # type: ignore[union-attr]
+
+
+def _window_source(ctx: RewriteContext, node: ir.Node, pads: list[int]) -> tuple[GatherSource, list[int]]:
+    """What a window op's gather reads, and the node's pads plus those of a folded Pad."""
+    src = ctx.gather_source(ctx.forms.get(node.inputs[0]))
+    if any(src.pads):
+        if src.pad_mode != "zeros" and any(pads):
             raise Unsupported("a reflect/edge Pad followed by a convolution that also zero-pads")
-        pads = [pads[0] + extra[0], pads[1] + extra[1], pads[2] + extra[2], pads[3] + extra[3]]
-    return inner, prologue, upsample, pads, mode
+        pads = [p + q for p, q in zip(pads, src.pads)]
+    return src, pads
 
 
-def _input_mask(ctx: RewriteContext, node: ir.Node) -> str | None:
-    form = ctx.form(node.inputs[0])
+def _input_mask(ctx: RewriteContext, node: ir.Node) -> MaskId | None:
+    form = ctx.forms.get(node.inputs[0])
     if isinstance(form, Padded):
         form = form.inner
     return form.mask
 
 
-def _in_size(ctx: RewriteContext, node: ir.Node) -> tuple[int, int]:
-    form = ctx.form(node.inputs[0])
-    s = ctx.shape(node.inputs[0])
+def _in_size(ctx: RewriteContext, node: ir.Node) -> list[int]:
+    form = ctx.forms.get(node.inputs[0])
+    s = shape_of(node.inputs[0])
     if isinstance(form, Padded):
-        return s[2] - form.pads[0] - form.pads[2], s[3] - form.pads[1] - form.pads[3]
-    return s[2], s[3]
+        return [s[2] - form.pads[0] - form.pads[2], s[3] - form.pads[1] - form.pads[3]]
+    return [s[2], s[3]]
+
+
+def _window_mask(ctx: RewriteContext, src: MaskId | None, in_size: Sequence[int], kernel: Sequence[int],
+                 strides: Sequence[int], pads: Sequence[int], dilations: Sequence[int], res: Resolution,
+                 pad_mode: str) -> MaskId | None:
+    """Receptive field of a window op over its input padded by ``pads`` in ``pad_mode``.
+
+    Reflected or replicated padding copies pixels up to ``max(pads)`` inside the border, so the
+    field is widened by that much on every side (conservative, exact-mode safe).
+    """
+    if pad_mode == "zeros":
+        return ctx.masks.window(src, in_size, kernel, strides, pads, dilations, res.size)
+    m = max(pads)
+    span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    return ctx.masks.window(src, in_size, [e + 2 * m for e in span], strides, [p + m for p in pads], [1, 1],
+                            res.size)
 
 
 def _sliding_window(ctx: RewriteContext, node: ir.Node, kernel: list[int], strides: list[int],
-                    dilations: list[int], pads: list[int], emit_op: Callable[[str], str], macs_per_pixel: int) -> None:
+                    dilations: list[int], pads: list[int], emit_op: Callable[[ir.Value], ir.Value],
+                    macs_per_pixel: int, dense_macs: int = 0) -> None:
     """Shared rule of Conv and pooling: gather (T-1)*s + (k-1)*d + 1 windows, run the op with pads 0."""
     res = _out_res(ctx, node)
-    inner, prologue, upsample, pads, mode = _window_source(ctx, node, pads)
+    src, pads = _window_source(ctx, node, pads)
     span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
     window = [(res.tile - 1) * s + e for s, e in zip(strides, span)]
     step = [res.tile * s for s in strides]
-    g = ctx.tile_gather(inner, res, window=window, step=step, offset=[-pads[0], -pads[1]], pad_mode=mode,
-                        upsample=upsample, prologue=prologue, hint=f"win::{node.name}")
+    g = ctx.tile_gather(src.form, res, window=window, step=step, offset=[-pads[0], -pads[1]], pad_mode=src.pad_mode,
+                        upsample=src.upsample, prologue=src.prologue, hint=f"win::{node.name}")
     vals = emit_op(g)
-    h, w = _in_size(ctx, node)
-    mask = _input_mask(ctx, node)  # the input's own mask already includes any fused upsampling
-    if mode == "zeros":
-        mask = ctx.masks.window(mask, [h, w], kernel, strides, pads, dilations, [res.height, res.width])
-    else:
-        # Reflected/replicated padding copies pixels up to max(pads) inside the border: widen the
-        # receptive field by that much (conservative, exact-mode safe).
-        m = max(pads)
-        mask = ctx.masks.window(mask, [h, w], [e + 2 * m for e in span], strides, [p_ + m for p_ in pads], [1, 1],
-                                [res.height, res.width])
+    # The input's own mask already includes any fused upsampling.
+    mask = _window_mask(ctx, _input_mask(ctx, node), _in_size(ctx, node), kernel, strides, pads, dilations, res,
+                        src.pad_mode)
     ctx.set_sparse(node.outputs[0], vals, res, mask)
-    ctx.report(node, "sparse", resolution=res.name, tile=res.tile, window=window,
-               macs_per_tile=macs_per_pixel * res.tile * res.tile)
+    ctx.record.report(node, "sparse", resolution=res.name, tile=res.tile, window=window, dense_macs=dense_macs,
+                      macs_per_tile=macs_per_pixel * res.tile * res.tile)
 
 
 def rule_conv(ctx: RewriteContext, node: ir.Node) -> None:
     """Conv: gather windows around the output tiles, then the ordinary Conv with pads 0."""
     weight = node.inputs[1]
-    ws = ctx.shape(weight)
+    ws = shape_of(weight)
     if len(ws) != 4:
         raise Unsupported("only 2-D convolutions are handled")
-    if ctx.is_edit_dependent(weight) or (len(node.inputs) > 2 and ctx.is_edit_dependent(node.inputs[2])):
+    if ctx.forms.is_edit_dependent(weight) or (len(node.inputs) > 2 and ctx.forms.is_edit_dependent(node.inputs[2])):
         raise Unsupported("weights depend on the edited input")
     kernel = [ws[2], ws[3]]
     strides, dilations = _pair(attr(node, "strides"), 1), _pair(attr(node, "dilations"), 1)
     group = int(attr(node, "group", 1))
 
-    def emit(g: str) -> str:
-        inputs = [g, ctx.form(weight).name] + ([ctx.form(node.inputs[2]).name] if len(node.inputs) > 2 and node.inputs[2] is not None else [])  # type: ignore[union-attr]
-        return ctx.builder.node1("Conv", inputs, hint=f"vals::{node.outputs[0].name}", kernel_shape=kernel,
-                                 strides=strides, dilations=dilations, group=group, pads=[0, 0, 0, 0])
+    def emit(g: ir.Value) -> ir.Value:
+        return ctx.graph.op("Conv", [g, *_optional_inputs(ctx, node, 1)], hint=f"vals::{node.outputs[0].name}",
+                            kernel_shape=kernel, strides=strides, dilations=dilations, group=group, pads=[0, 0, 0, 0])
 
-    _sliding_window(ctx, node, kernel, strides, dilations, _pads4(node), emit, ws[0] * ws[1] * kernel[0] * kernel[1])
-    out = ctx.shape(node.outputs[0])
-    ctx.reports[-1].dense_macs = int(np.prod(out)) * ws[1] * kernel[0] * kernel[1]
+    out = static_shape(node.outputs[0])  # None: _out_res rejects the node
+    dense = int(np.prod(out)) * ws[1] * kernel[0] * kernel[1] if out is not None else 0
+    _sliding_window(ctx, node, kernel, strides, dilations, _pads4(node), emit, ws[0] * ws[1] * kernel[0] * kernel[1],
+                    dense)
 
 
 def rule_pool(ctx: RewriteContext, node: ir.Node) -> None:
@@ -141,9 +160,9 @@ def rule_pool(ctx: RewriteContext, node: ir.Node) -> None:
     if len(node.outputs) > 1 and node.outputs[1].uses():
         raise Unsupported("MaxPool indices output is used")
 
-    def emit(g: str) -> str:
-        return ctx.builder.node1(node.op_type, [g], hint=f"vals::{node.outputs[0].name}", kernel_shape=kernel,
-                                 strides=strides)
+    def emit(g: ir.Value) -> ir.Value:
+        return ctx.graph.op(node.op_type, [g], hint=f"vals::{node.outputs[0].name}", kernel_shape=kernel,
+                            strides=strides)
 
     _sliding_window(ctx, node, kernel, strides, [1, 1], pads, emit, 0)
 
@@ -152,7 +171,7 @@ def rule_conv_transpose(ctx: RewriteContext, node: ir.Node) -> None:
     """ConvTranspose: gather the input cells that reach each output tile, ConvTranspose, crop."""
     res = _out_res(ctx, node)
     weight = node.inputs[1]
-    ws = ctx.shape(weight)
+    ws = shape_of(weight)
     kernel = [ws[2], ws[3]]
     strides = _pair(attr(node, "strides"), 1)
     if attr(node, "dilations") and any(d != 1 for d in attr(node, "dilations")):
@@ -161,11 +180,11 @@ def rule_conv_transpose(ctx: RewriteContext, node: ir.Node) -> None:
         raise Unsupported("ConvTranspose with output_shape")
     pads = _pads4(node)
     group = int(attr(node, "group", 1))
-    form = ctx.form(node.inputs[0])
+    form = ctx.forms.get(node.inputs[0])
     if isinstance(form, Padded):  # Pad folds only into Conv and pooling, so this is a guard
         raise Unsupported("ConvTranspose on a virtual Pad")
     # A nearest-upsampled view is read through the gather's upsampling, like Conv does.
-    inner, prologue, upsample, _, _ = ctx.gather_source(form)
+    src = ctx.gather_source(form)
     offset, window, crop = [], [], []
     for axis in range(2):
         s, k, p = strides[axis], kernel[axis], pads[axis]
@@ -176,64 +195,38 @@ def rule_conv_transpose(ctx: RewriteContext, node: ir.Node) -> None:
         offset.append(first)
         window.append(last - first + 1)
         crop.append(p - s * first)
-    g = ctx.tile_gather(inner, res, window=window, step=[res.tile // s for s in strides], offset=offset,
-                        upsample=upsample, prologue=prologue, hint=f"win::{node.name}")
-    inputs = [g, ctx.form(weight).name] + ([ctx.form(node.inputs[2]).name] if len(node.inputs) > 2 and node.inputs[2] is not None else [])  # type: ignore[union-attr]
-    full = ctx.builder.node1("ConvTranspose", inputs, hint=f"ct::{node.name}", kernel_shape=kernel, strides=strides,
-                             group=group, pads=[0, 0, 0, 0])
-    b = ctx.builder
-    vals = b.node1("Slice", [full, b.const(np.array(crop, np.int64), "c:crop_start"),
-                             b.const(np.array([c + res.tile for c in crop], np.int64), "c:crop_end"),
-                             b.const(np.array([2, 3], np.int64), "c:axes23")], hint=f"vals::{node.outputs[0].name}")
+    g = ctx.tile_gather(src.form, res, window=window, step=[res.tile // s for s in strides], offset=offset,
+                        upsample=src.upsample, prologue=src.prologue, hint=f"win::{node.name}")
+    b = ctx.graph
+    full = b.op("ConvTranspose", [g, *_optional_inputs(ctx, node, 1)], hint=f"ct::{node.name}", kernel_shape=kernel,
+                strides=strides, group=group, pads=[0, 0, 0, 0])
+    vals = b.op("Slice", [full, b.const(np.array(crop, np.int64), "c:crop_start"),
+                          b.const(np.array([c + res.tile for c in crop], np.int64), "c:crop_end"),
+                          b.const(np.array([2, 3], np.int64), "c:axes23")], hint=f"vals::{node.outputs[0].name}")
     # The view's own mask already includes the upsampling (the inner form's is at the lower resolution).
-    mask = ctx.masks.transpose_window(form.mask, kernel, strides, pads, [res.height, res.width])
+    mask = ctx.masks.transpose_window(form.mask, kernel, strides, pads, res.size)
     ctx.set_sparse(node.outputs[0], vals, res, mask)
-    cin = ctx.shape(node.inputs[0])
-    ctx.report(node, "sparse", resolution=res.name, tile=res.tile, window=window,
-               dense_macs=int(np.prod(cin)) * ws[1] * kernel[0] * kernel[1],
-               macs_per_tile=int(np.prod(window)) * ws[0] * ws[1] * kernel[0] * kernel[1])
+    cin = shape_of(node.inputs[0])
+    ctx.record.report(node, "sparse", resolution=res.name, tile=res.tile, window=window,
+                      dense_macs=int(np.prod(cin)) * ws[1] * kernel[0] * kernel[1],
+                      macs_per_tile=int(np.prod(window)) * ws[0] * ws[1] * kernel[0] * kernel[1])
 
 
-def _nearest_source_index(out_len: int, in_len: int, ctm: str, nearest_mode: str) -> np.ndarray:
-    """ONNX Resize (nearest): the input index read by every output index along one axis."""
-    o = np.arange(out_len, dtype=np.float64)
-    scale = out_len / in_len
-    if ctm == "asymmetric":
-        x = o / scale
-    elif ctm == "align_corners":
-        x = o * (in_len - 1) / max(out_len - 1, 1)
-    elif ctm == "pytorch_half_pixel" and out_len == 1:
-        x = np.zeros_like(o)
-    elif ctm in ("half_pixel", "pytorch_half_pixel"):
-        x = (o + 0.5) / scale - 0.5
-    else:
-        raise Unsupported(f"nearest Resize with coordinate_transformation_mode {ctm}")
-    frac = x - np.floor(x)
-    tie = np.abs(frac - 0.5) < 1e-6
-    if nearest_mode == "floor":
-        idx = np.floor(x + 1e-9)
-    elif nearest_mode == "ceil":
-        idx = np.ceil(x - 1e-9)
-    elif nearest_mode == "round_prefer_ceil":
-        idx = np.where(tie, np.ceil(x), np.round(x))
-    else:  # round_prefer_floor (the default)
-        idx = np.where(tie, np.floor(x), np.round(x))
-    return np.clip(idx, 0, in_len - 1).astype(np.int64)
-
-
-def _nearest_geometry(ctx: RewriteContext, node: ir.Node) -> tuple[int, int, int]:
+def _nearest_geometry(node: ir.Node) -> tuple[int, int, int]:
     """(upsample factor, downsample stride, offset) with ``out[o] = in[(o * stride + offset) // upsample]``."""
-    ins, outs = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
+    ins, outs = shape_of(node.inputs[0]), shape_of(node.outputs[0])
     if ins[0] != outs[0] or ins[1] != outs[1]:
         raise Unsupported("Resize over batch or channels")
     ctm = attr(node, "coordinate_transformation_mode", "half_pixel") or "half_pixel"
     nearest_mode = attr(node, "nearest_mode", "round_prefer_floor") or "round_prefer_floor"
     if node.op_type == "Upsample":
         ctm, nearest_mode = "asymmetric", "floor"
+    if ctm not in NEAREST_COORDINATE_MODES:
+        raise Unsupported(f"nearest Resize with coordinate_transformation_mode {ctm}")
     found = []
     for axis in (2, 3):
         n_in, n_out = ins[axis], outs[axis]
-        idx = _nearest_source_index(n_out, n_in, ctm, nearest_mode)
+        idx = nearest_source_index(n_out, n_in, ctm, nearest_mode)
         o = np.arange(n_out)
         if n_out % n_in == 0 and np.array_equal(idx, o // (n_out // n_in)):
             found.append((n_out // n_in, 1, 0))
@@ -247,8 +240,8 @@ def _nearest_geometry(ctx: RewriteContext, node: ir.Node) -> tuple[int, int, int
     return found[0]
 
 
-def _resize_factor(ctx: RewriteContext, node: ir.Node) -> int:
-    ins, outs = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
+def _resize_factor(node: ir.Node) -> int:
+    ins, outs = shape_of(node.inputs[0]), shape_of(node.outputs[0])
     if ins[0] != outs[0] or ins[1] != outs[1]:
         raise Unsupported("Resize over batch or channels")
     fy, ry = divmod(outs[2], ins[2])
@@ -258,29 +251,29 @@ def _resize_factor(ctx: RewriteContext, node: ir.Node) -> int:
     return fy
 
 
-def _rule_nearest(ctx: RewriteContext, node: ir.Node, res: Resolution, form) -> None:
+def _rule_nearest(ctx: RewriteContext, node: ir.Node, res: Resolution, form: Sparse | Dense) -> None:
     """Nearest Resize: an upscale is a gather with ``upsample``; an integer downscale picks every f-th pixel."""
-    u, f, off = _nearest_geometry(ctx, node)
-    inner, prologue, up0, _, _ = ctx.gather_source(form)
+    u, f, off = _nearest_geometry(node)
+    src = ctx.gather_source(form)
     if f == 1:
-        vals = ctx.tile_gather(inner, res, window=[res.tile] * 2, step=[res.tile] * 2, offset=[0, 0],
-                               upsample=u * up0, prologue=prologue, hint=f"vals::{node.outputs[0].name}")
-        mask = ctx.masks.upsample(form.mask, [u, u], [res.height, res.width])
+        vals = ctx.tile_gather(src.form, res, window=[res.tile] * 2, step=[res.tile] * 2, offset=[0, 0],
+                               upsample=u * src.upsample, prologue=src.prologue, hint=f"vals::{node.outputs[0].name}")
+        mask = ctx.masks.upsample(form.mask, [u, u], res.size)
         ctx.set_sparse(node.outputs[0], vals, res, mask, View(form, None, u) if isinstance(form, Sparse) else None)
-        ctx.report(node, "sparse", resolution=res.name, tile=res.tile, note=f"nearest x{u}")
+        ctx.record.report(node, "sparse", resolution=res.name, tile=res.tile, note=f"nearest x{u}")
         return
     window = (res.tile - 1) * f + 1
-    g = ctx.tile_gather(inner, res, window=[window] * 2, step=[res.tile * f] * 2, offset=[off, off], upsample=up0,
-                        prologue=prologue, hint=f"win::{node.name}")
-    b = ctx.builder
-    vals = b.node1("Slice", [g, b.const(np.array([0, 0], np.int64), "c:zero2"),
-                             b.const(np.array([window, window], np.int64), "c:win_end"),
-                             b.const(np.array([2, 3], np.int64), "c:axes23"),
-                             b.const(np.array([f, f], np.int64), "c:steps")], hint=f"vals::{node.outputs[0].name}")
-    h, w = ctx.shape(node.inputs[0])[2:]
-    mask = ctx.masks.window(form.mask, [h, w], [off + 1] * 2, [f, f], [0, 0, 0, 0], [1, 1], [res.height, res.width])
+    g = ctx.tile_gather(src.form, res, window=[window] * 2, step=[res.tile * f] * 2, offset=[off, off],
+                        upsample=src.upsample, prologue=src.prologue, hint=f"win::{node.name}")
+    b = ctx.graph
+    vals = b.op("Slice", [g, b.const(np.array([0, 0], np.int64), "c:zero2"),
+                          b.const(np.array([window, window], np.int64), "c:win_end"),
+                          b.const(np.array([2, 3], np.int64), "c:axes23"),
+                          b.const(np.array([f, f], np.int64), "c:steps")], hint=f"vals::{node.outputs[0].name}")
+    in_size = list(shape_of(node.inputs[0])[2:])
+    mask = ctx.masks.window(form.mask, in_size, [off + 1] * 2, [f, f], [0, 0, 0, 0], [1, 1], res.size)
     ctx.set_sparse(node.outputs[0], vals, res, mask)
-    ctx.report(node, "sparse", resolution=res.name, tile=res.tile, window=[window] * 2, note=f"nearest /{f}")
+    ctx.record.report(node, "sparse", resolution=res.name, tile=res.tile, window=[window] * 2, note=f"nearest /{f}")
 
 
 def rule_resize(ctx: RewriteContext, node: ir.Node) -> None:
@@ -290,33 +283,33 @@ def rule_resize(ctx: RewriteContext, node: ir.Node) -> None:
     ctm = attr(node, "coordinate_transformation_mode", "half_pixel") or "half_pixel"
     if node.op_type == "Upsample":
         ctm = "asymmetric"
-    form = ctx.form(node.inputs[0])
+    form = ctx.forms.get(node.inputs[0])
     if isinstance(form, Padded):
         raise Unsupported("Resize of a padded tensor")
     if mode == "nearest":
         _rule_nearest(ctx, node, res, form)
         return
-    u = _resize_factor(ctx, node)
+    u = _resize_factor(node)
     if mode != "linear" or ctm not in ("half_pixel", "pytorch_half_pixel"):
         raise Unsupported(f"Resize mode {mode} with {ctm}")
     if res.tile % u:
         raise Unsupported(f"tile {res.tile} not divisible by the upscale factor {u}")
     low = res.tile // u
-    inner, prologue, up0, _, _ = ctx.gather_source(form)
-    if up0 != 1:
+    src = ctx.gather_source(form)
+    if src.upsample != 1:
         raise Unsupported("bilinear Resize of an upsampled view")
-    g = ctx.tile_gather(inner, res, window=[low + 2] * 2, step=[low] * 2, offset=[-1, -1], pad_mode="edge",
-                        prologue=prologue, hint=f"win::{node.name}")
-    b = ctx.builder
+    g = ctx.tile_gather(src.form, res, window=[low + 2] * 2, step=[low] * 2, offset=[-1, -1], pad_mode="edge",
+                        prologue=src.prologue, hint=f"win::{node.name}")
+    b = ctx.graph
     scales = b.const(np.array([1, 1, u, u], np.float32), "c:scales")
-    up = b.node1("Resize", [g, "", scales], hint=f"up::{node.name}", mode="linear",
-                 coordinate_transformation_mode="half_pixel")
-    vals = b.node1("Slice", [up, b.const(np.array([u, u], np.int64), "c:start"),
-                             b.const(np.array([u + res.tile] * 2, np.int64), "c:end"),
-                             b.const(np.array([2, 3], np.int64), "c:axes23")], hint=f"vals::{node.outputs[0].name}")
-    mask = ctx.masks.upsample(form.mask, [u, u], [res.height, res.width], halo=1)
+    up = b.op("Resize", [g, None, scales], hint=f"up::{node.name}", mode="linear",
+              coordinate_transformation_mode="half_pixel")
+    vals = b.op("Slice", [up, b.const(np.array([u, u], np.int64), "c:start"),
+                          b.const(np.array([u + res.tile] * 2, np.int64), "c:end"),
+                          b.const(np.array([2, 3], np.int64), "c:axes23")], hint=f"vals::{node.outputs[0].name}")
+    mask = ctx.masks.upsample(form.mask, [u, u], res.size, halo=1)
     ctx.set_sparse(node.outputs[0], vals, res, mask)
-    ctx.report(node, "sparse", resolution=res.name, tile=res.tile, window=[low + 2] * 2, note=f"bilinear x{u}")
+    ctx.record.report(node, "sparse", resolution=res.name, tile=res.tile, window=[low + 2] * 2, note=f"bilinear x{u}")
 
 
 def rule_depth_to_space(ctx: RewriteContext, node: ir.Node) -> None:
@@ -325,33 +318,32 @@ def rule_depth_to_space(ctx: RewriteContext, node: ir.Node) -> None:
     r = int(attr(node, "blocksize"))
     if res.tile % r:
         raise Unsupported(f"tile {res.tile} not divisible by blocksize {r}")
-    inner, prologue, up0, extra, _ = ctx.gather_source(ctx.form(node.inputs[0]))
-    if up0 != 1 or any(extra):
+    src = ctx.gather_source(ctx.forms.get(node.inputs[0]))
+    if src.upsample != 1 or any(src.pads):
         raise Unsupported("DepthToSpace of an upsampled or padded view")
     low = res.tile // r
-    g = ctx.tile_gather(inner, res, window=[low, low], step=[low, low], offset=[0, 0], prologue=prologue,
+    g = ctx.tile_gather(src.form, res, window=[low, low], step=[low, low], offset=[0, 0], prologue=src.prologue,
                         hint=f"win::{node.name}")
-    vals = ctx.builder.node1("DepthToSpace", [g], hint=f"vals::{node.outputs[0].name}", blocksize=r,
-                             mode=attr(node, "mode", "DCR") or "DCR")
-    mask = ctx.masks.upsample(inner.mask, [r, r], [res.height, res.width])
+    vals = ctx.graph.op("DepthToSpace", [g], hint=f"vals::{node.outputs[0].name}", blocksize=r,
+                        mode=attr(node, "mode", "DCR") or "DCR")
+    mask = ctx.masks.upsample(src.form.mask, [r, r], res.size)
     ctx.set_sparse(node.outputs[0], vals, res, mask)
-    ctx.report(node, "sparse", resolution=res.name, tile=res.tile)
+    ctx.record.report(node, "sparse", resolution=res.name, tile=res.tile)
 
 
 def rule_space_to_depth(ctx: RewriteContext, node: ir.Node) -> None:
     """SpaceToDepth: gather T*r cells per tile, then SpaceToDepth."""
     res = _out_res(ctx, node)
     r = int(attr(node, "blocksize"))
-    inner, prologue, up0, extra, _ = ctx.gather_source(ctx.form(node.inputs[0]))
-    if up0 != 1 or any(extra):
+    src = ctx.gather_source(ctx.forms.get(node.inputs[0]))
+    if src.upsample != 1 or any(src.pads):
         raise Unsupported("SpaceToDepth of an upsampled or padded view")
-    g = ctx.tile_gather(inner, res, window=[res.tile * r] * 2, step=[res.tile * r] * 2, offset=[0, 0],
-                        prologue=prologue, hint=f"win::{node.name}")
-    vals = ctx.builder.node1("SpaceToDepth", [g], hint=f"vals::{node.outputs[0].name}", blocksize=r)
-    h, w = _in_size(ctx, node)
-    mask = ctx.masks.window(inner.mask, [h, w], [r, r], [r, r], [0, 0, 0, 0], [1, 1], [res.height, res.width])
+    g = ctx.tile_gather(src.form, res, window=[res.tile * r] * 2, step=[res.tile * r] * 2, offset=[0, 0],
+                        prologue=src.prologue, hint=f"win::{node.name}")
+    vals = ctx.graph.op("SpaceToDepth", [g], hint=f"vals::{node.outputs[0].name}", blocksize=r)
+    mask = ctx.masks.window(src.form.mask, _in_size(ctx, node), [r, r], [r, r], [0, 0, 0, 0], [1, 1], res.size)
     ctx.set_sparse(node.outputs[0], vals, res, mask)
-    ctx.report(node, "sparse", resolution=res.name, tile=res.tile)
+    ctx.record.report(node, "sparse", resolution=res.name, tile=res.tile)
 
 
 def rule_pad(ctx: RewriteContext, node: ir.Node) -> None:
@@ -370,7 +362,7 @@ def rule_pad(ctx: RewriteContext, node: ir.Node) -> None:
     gather_mode = {"constant": "zeros", "reflect": "reflect", "edge": "edge"}.get(mode)
     if gather_mode is None:
         raise Unsupported(f"Pad mode {mode}")
-    inner = ctx.form(node.inputs[0])
+    inner = ctx.forms.get(node.inputs[0])
     if isinstance(inner, Padded):
         raise Unsupported("two Pads in a row")
     folds = all(use.node.op_type in ("Conv", "MaxPool", "AveragePool") and use.idx == 0
@@ -379,29 +371,25 @@ def rule_pad(ctx: RewriteContext, node: ir.Node) -> None:
     if not folds:
         _materialized_pad(ctx, node, inner, p, gather_mode)
         return
-    ctx.forms[node.outputs[0].name] = Padded(inner, (p[2], p[3], p[6], p[7]), gather_mode, node.name)
-    ctx.report(node, "sparse", note=f"{mode} pad folded into the next gather")
+    ctx.forms.set(node.outputs[0], Padded(inner, (p[2], p[3], p[6], p[7]), gather_mode, node.name))
+    ctx.record.report(node, "sparse", note=f"{mode} pad folded into the next gather")
 
 
-def _materialized_pad(ctx: RewriteContext, node: ir.Node, inner, p: list[int], mode: str) -> None:
+def _materialized_pad(ctx: RewriteContext, node: ir.Node, inner: Sparse | Dense, p: list[int], mode: str) -> None:
     """A Pad whose output is used by other ops: gather it on the padded map's own tile grid."""
     res = _out_res(ctx, node)
-    src, prologue, upsample, _, _ = ctx.gather_source(inner)
+    src = ctx.gather_source(inner)
     # The gather's virtual map is the (upsampled) Pad input, so padding applies in its coordinates.
-    vals = ctx.tile_gather(src, res, window=[res.tile] * 2, step=[res.tile] * 2, offset=[-p[2], -p[3]],
-                           pad_mode=mode, upsample=upsample, prologue=prologue, hint=f"vals::{node.outputs[0].name}")
-    h, w = ctx.shape(node.inputs[0])[2:]
-    pads = [p[2], p[3], p[6], p[7]]
-    mask = ctx.masks.window(inner.mask, [h, w], [1, 1], [1, 1], pads, [1, 1], [res.height, res.width])
-    if mode != "zeros" and inner.mask is not None:
-        # reflected/replicated border pixels copy interior ones: dilate by the pad width
-        mask = ctx.masks.window(inner.mask, [h, w], [2 * max(pads) + 1] * 2, [1, 1],
-                                [max(pads) + p_ for p_ in pads], [1, 1], [res.height, res.width])
+    vals = ctx.tile_gather(src.form, res, window=[res.tile] * 2, step=[res.tile] * 2, offset=[-p[2], -p[3]],
+                           pad_mode=mode, upsample=src.upsample, prologue=src.prologue,
+                           hint=f"vals::{node.outputs[0].name}")
+    in_size = list(shape_of(node.inputs[0])[2:])
+    mask = _window_mask(ctx, inner.mask, in_size, [1, 1], [1, 1], [p[2], p[3], p[6], p[7]], [1, 1], res, mode)
     ctx.set_sparse(node.outputs[0], vals, res, mask)
-    ctx.report(node, "sparse", resolution=res.name, tile=res.tile, note=f"{mode} pad")
+    ctx.record.report(node, "sparse", resolution=res.name, tile=res.tile, note=f"{mode} pad")
 
 
-def _fused_view(ctx: RewriteContext, x_form, prologue: Prologue) -> View | None:
+def _fused_view(x_form: Form, prologue: Prologue) -> View | None:
     """A view applying ``prologue`` to ``x_form`` if it composes with x's own view."""
     if not isinstance(x_form, Sparse):
         return None
@@ -419,25 +407,23 @@ def rule_unary(ctx: RewriteContext, node: ir.Node) -> None:
     x = node.inputs[0]
     res = _out_res(ctx, node)
     xs = ctx.to_sparse(x, res, node)
-    attrs = {k: a.value for k, a in node.attributes.items()}
-    vals = ctx.builder.node1(node.op_type, [xs.vals], hint=f"vals::{node.outputs[0].name}", **attrs)
+    vals = ctx.graph.op(node.op_type, [xs.vals], hint=f"vals::{node.outputs[0].name}",
+                        attributes=node.attributes)
     view = None
     if node.op_type in FUSABLE_ACTIVATIONS:
-        act, alpha, beta = FUSABLE_ACTIVATIONS[node.op_type](node)  # type: ignore[misc]
-        view = _fused_view(ctx, ctx.form(x), Prologue(activation=act, alpha=alpha, beta=beta))
+        act, alpha, beta = FUSABLE_ACTIVATIONS[node.op_type](node)
+        view = _fused_view(ctx.forms.get(x), Prologue(activation=act, alpha=alpha, beta=beta))
     ctx.set_sparse(node.outputs[0], vals, res, xs.mask, view)
-    ctx.report(node, "sparse", resolution=res.name, tile=res.tile)
+    ctx.record.report(node, "sparse", resolution=res.name, tile=res.tile)
 
 
 def rule_pass_through(ctx: RewriteContext, node: ir.Node) -> None:
-    """Identity / Dropout (inference) / same-type Cast: the output has the input's form."""
-    form = ctx.form(node.inputs[0])
-    if isinstance(form, Sparse):
-        # The alias shares the input's tiles and cache (``source`` stays the input's name).
-        ctx.forms[node.outputs[0].name] = form
-    else:
-        ctx.forms[node.outputs[0].name] = form
-    ctx.report(node, "sparse", note="pass-through")
+    """Identity / Dropout (inference) / same-type Cast: the output has the input's form.
+
+    A Sparse alias shares the input's tiles and cache (``source`` stays the input's name).
+    """
+    ctx.forms.set(node.outputs[0], ctx.forms.get(node.inputs[0]))
+    ctx.record.report(node, "sparse", note="pass-through")
 
 
 def rule_cast(ctx: RewriteContext, node: ir.Node) -> None:
@@ -448,7 +434,7 @@ def rule_cast(ctx: RewriteContext, node: ir.Node) -> None:
         rule_unary(ctx, node)
 
 
-def _silu_source(ctx: RewriteContext, node: ir.Node) -> ir.Value | None:
+def _silu_source(node: ir.Node) -> ir.Value | None:
     """For ``Mul(a, Sigmoid(a))`` return ``a``."""
     if node.op_type != "Mul" or len(node.inputs) != 2:
         return None
@@ -459,45 +445,46 @@ def _silu_source(ctx: RewriteContext, node: ir.Node) -> ir.Value | None:
     return None
 
 
-def rule_elementwise(ctx: RewriteContext, node: ir.Node) -> None:
-    """Element-wise n-ary op: spatial operands as tiles, small operands broadcast (per tile batch)."""
-    res = _out_res(ctx, node)
-    names, masks = [], []
-    for i, value in enumerate(node.inputs):
-        if value is None:
-            names.append(None)
-            continue
-        if ctx.is_spatial(value) and ctx.shape(value)[2:] == (res.height, res.width):
-            s = ctx.to_sparse(value, res, node)
-            names.append(s.vals)
-            masks.append(s.mask)
-        else:
-            vs = static_shape(value)
-            if vs is not None and len(vs) >= 2 and (vs[-1] != 1 or vs[-2] != 1):
-                raise Unsupported(f"operand '{value.name}' of shape {list(vs)} broadcasts over the spatial axes")
-            if ctx.is_edit_dependent(value):
-                form = ctx.form(value)
-                if ctx.exact or not isinstance(form, Dense):
-                    raise Unsupported(f"operand '{value.name}' is a global function of the edited input")
-                ctx.approximate(node, f"'{value.name}' (a global quantity) is applied only on active tiles")
-            names.append(ctx.broadcast_operand(value, res))
-    attrs = {k: a.value for k, a in node.attributes.items()}
-    vals = ctx.builder.node1(node.op_type, names, hint=f"vals::{node.outputs[0].name}", **attrs)
-    view = None
-    a = _silu_source(ctx, node)
+def _elementwise_view(ctx: RewriteContext, node: ir.Node) -> View | None:
+    """SiLU written as ``Mul(a, Sigmoid(a))`` and a constant Clip become fusable views."""
+    a = _silu_source(node)
     if a is not None:
-        view = _fused_view(ctx, ctx.form(a), Prologue(activation="silu"))
-    elif node.op_type == "Clip":
+        return _fused_view(ctx.forms.get(a), Prologue(activation="silu"))
+    if node.op_type == "Clip":
         lo = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
         hi = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         if lo is not None and hi is not None:
-            view = _fused_view(ctx, ctx.form(node.inputs[0]),
+            return _fused_view(ctx.forms.get(node.inputs[0]),
                                Prologue(activation="clip", alpha=float(lo), beta=float(hi)))
-    ctx.set_sparse(node.outputs[0], vals, res, ctx.masks.union(masks))
-    if view is not None:
-        form = ctx.forms[node.outputs[0].name]
-        ctx.forms[node.outputs[0].name] = Sparse(form.source, form.vals, form.res, form.mask, view)  # type: ignore[union-attr]
-    ctx.report(node, "sparse", resolution=res.name, tile=res.tile)
+    return None
+
+
+def rule_elementwise(ctx: RewriteContext, node: ir.Node) -> None:
+    """Element-wise n-ary op: spatial operands as tiles, small operands broadcast (per tile batch)."""
+    res = _out_res(ctx, node)
+    operands: list[ir.Value | None] = []
+    masks: list[MaskId | None] = []
+    for value in node.inputs:
+        if value is None:
+            operands.append(None)
+            continue
+        if ctx.grids.is_spatial(value) and shape_of(value)[2:] == (res.height, res.width):
+            s = ctx.to_sparse(value, res, node)
+            operands.append(s.vals)
+            masks.append(s.mask)
+            continue
+        vs = static_shape(value)
+        if vs is not None and len(vs) >= 2 and (vs[-1] != 1 or vs[-2] != 1):
+            raise Unsupported(f"operand '{value.name}' of shape {list(vs)} broadcasts over the spatial axes")
+        if ctx.forms.is_edit_dependent(value):
+            if ctx.exact or not isinstance(ctx.forms.get(value), Dense):
+                raise Unsupported(f"operand '{value.name}' is a global function of the edited input")
+            ctx.record.approximate(node, f"'{value.name}' (a global quantity) is applied only on active tiles")
+        operands.append(ctx.broadcast_operand(value, res))
+    vals = ctx.graph.op(node.op_type, operands, hint=f"vals::{node.outputs[0].name}",
+                        attributes=node.attributes)
+    ctx.set_sparse(node.outputs[0], vals, res, ctx.masks.union(masks), _elementwise_view(ctx, node))
+    ctx.record.report(node, "sparse", resolution=res.name, tile=res.tile)
 
 
 def rule_concat(ctx: RewriteContext, node: ir.Node) -> None:
@@ -507,9 +494,9 @@ def rule_concat(ctx: RewriteContext, node: ir.Node) -> None:
         raise Unsupported(f"Concat on axis {axis}")
     res = _out_res(ctx, node)
     parts = [ctx.to_sparse(v, res, node) for v in node.inputs]
-    vals = ctx.builder.node1("Concat", [p.vals for p in parts], hint=f"vals::{node.outputs[0].name}", axis=1)
+    vals = ctx.graph.op("Concat", [p.vals for p in parts], hint=f"vals::{node.outputs[0].name}", axis=1)
     ctx.set_sparse(node.outputs[0], vals, res, ctx.masks.union([p.mask for p in parts]))
-    ctx.report(node, "sparse", resolution=res.name, tile=res.tile)
+    ctx.record.report(node, "sparse", resolution=res.name, tile=res.tile)
 
 
 def rule_batchnorm(ctx: RewriteContext, node: ir.Node) -> None:
@@ -520,15 +507,38 @@ def rule_batchnorm(ctx: RewriteContext, node: ir.Node) -> None:
     scale, bias, mean, var = (p.astype(np.float64) for p in params)  # type: ignore[union-attr]
     s = scale / np.sqrt(var + float(attr(node, "epsilon", 1e-5)))
     t = bias - mean * s
+    s32, t32 = s.astype(np.float32), t.astype(np.float32)
     res = _out_res(ctx, node)
     xs = ctx.to_sparse(node.inputs[0], res, node)
-    b = ctx.builder
-    sc, sh = b.const(s.astype(np.float32), "c:bn_scale"), b.const(t.astype(np.float32), "c:bn_shift")
-    sc4, sh4 = b.const(s.astype(np.float32).reshape(-1, 1, 1), "c:bn_scale4"), b.const(t.astype(np.float32).reshape(-1, 1, 1), "c:bn_shift4")
-    vals = b.node1("Add", [b.node1("Mul", [xs.vals, sc4], hint="bn_mul"), sh4], hint=f"vals::{node.outputs[0].name}")
-    view = _fused_view(ctx, ctx.form(node.inputs[0]), Prologue(scale=sc, shift=sh))
+    b = ctx.graph
+    sc, sh = b.const(s32, "c:bn_scale"), b.const(t32, "c:bn_shift")
+    sc4, sh4 = b.const(s32.reshape(-1, 1, 1), "c:bn_scale4"), b.const(t32.reshape(-1, 1, 1), "c:bn_shift4")
+    vals = b.op("Add", [b.op("Mul", [xs.vals, sc4], hint="bn_mul"), sh4], hint=f"vals::{node.outputs[0].name}")
+    view = _fused_view(ctx.forms.get(node.inputs[0]), Prologue(scale=sc, shift=sh))
     ctx.set_sparse(node.outputs[0], vals, res, xs.mask, view)
-    ctx.report(node, "sparse", resolution=res.name, tile=res.tile, note="per-channel affine")
+    ctx.record.report(node, "sparse", resolution=res.name, tile=res.tile, note="per-channel affine")
+
+
+def rule_frozen_norm(ctx: RewriteContext, match: NormMatch) -> None:
+    """Group/instance normalisation (approx mode): ``y = x * scale[b, c] + shift[b, c]`` on tiles, with the
+    statistics frozen by the FULL graph; a fusable view when ``x`` has no view of its own."""
+    x, y = match.x, match.y
+    res = ctx.grids.res_of(y)
+    xs = ctx.to_sparse(x, res, match.nodes[0])
+    scale, shift = ctx.caches.frozen_stats(match, ctx.batch, shape_of(x)[1])
+    b = ctx.graph
+    per_tile_shape = b.const(np.array([-1, shape_of(x)[1], 1, 1], np.int64), "c:per_tile_shape")
+    s4 = b.op("Reshape", [b.op("Gather", [scale, ctx.grids.batch_index(res)], hint="scale_per_tile", axis=0),
+                          per_tile_shape], hint="scale4")
+    t4 = b.op("Reshape", [b.op("Gather", [shift, ctx.grids.batch_index(res)], hint="shift_per_tile", axis=0),
+                          per_tile_shape], hint="shift4")
+    vals = b.op("Add", [b.op("Mul", [xs.vals, s4], hint="norm_mul"), t4], hint=f"vals::{y.name}")
+    x_form = ctx.forms.get(x)
+    view = View(x_form, Prologue(scale=scale, shift=shift)) if isinstance(x_form, Sparse) and x_form.view is None else None
+    ctx.set_sparse(y, vals, res, xs.mask, view)
+    for node in match.nodes:
+        ctx.record.report(node, "approx", resolution=res.name, tile=res.tile, note="normalisation with frozen statistics")
+    ctx.record.approximate(match.nodes[0], f"normalisation of '{x.name}' uses statistics frozen from the original")
 
 
 RULES: dict[str, Rule] = {

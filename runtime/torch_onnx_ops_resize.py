@@ -2,7 +2,8 @@
 
 Coordinates and weights are small per-axis vectors computed on the host in numpy float32, in the
 operation order of the ONNX formulas (and of ONNX Runtime), so that nearest-rounding decisions do
-not depend on the device. Linear and cubic interpolation along several axes is the product of
+not depend on the device; coordinates and nearest rounding are the contract layer's rule
+(sigec/core/resize_rules.py), which the compiler's sparse Resize geometry uses too. Linear and cubic interpolation along several axes is the product of
 per-axis interpolations, which equals the ONNX n-linear/n-cubic definition.
 """
 
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from sigec.core.resize_rules import nearest_index, original_coordinates
 
 from .torch_onnx_ops_common import Inputs, NodeAttrs, OpFn, normalize_axis, opt, present, to_ints
 
@@ -27,60 +30,6 @@ class _AxisResize:
     scale: float  # float32 value
     roi_start: float = 0.0
     roi_end: float = 1.0
-
-
-def _original_coordinates(a: _AxisResize, mode: str) -> np.ndarray:
-    """The float32 input coordinate of every output position (``coordinate_transformation_mode``)."""
-    f32 = np.float32
-    x = np.arange(a.out_size, dtype=f32)
-    scale, half, one = f32(a.scale), f32(0.5), f32(1)
-    length_out, length_in = f32(a.out_size), f32(a.in_size)
-    if mode == "half_pixel":
-        return (x + half) / scale - half
-    if mode == "half_pixel_symmetric":
-        adjustment = length_out / (scale * length_in)
-        offset = (length_in / f32(2)) * (one - adjustment)
-        # ONNX Runtime evaluates this last expression in double (its 0.5 literals are doubles).
-        x64 = x.astype(np.float64)
-        return (np.float64(offset) + (x64 + 0.5) / np.float64(scale) - 0.5).astype(f32)
-    if mode == "pytorch_half_pixel":
-        return (x + half) / scale - half if a.out_size > 1 else np.zeros_like(x)
-    if mode == "align_corners":
-        return x * (length_in - one) / (length_out - one) if a.out_size > 1 else np.zeros_like(x)
-    if mode == "asymmetric":
-        return x / scale
-    if mode == "tf_crop_and_resize":
-        start, end = f32(a.roi_start), f32(a.roi_end)
-        if a.out_size > 1:
-            return start * (length_in - one) + x * (end - start) * (length_in - one) / (length_out - one)
-        return np.full_like(x, half * (start + end) * (length_in - one))
-    raise ValueError(f"unknown coordinate_transformation_mode {mode!r}")
-
-
-# A fractional part within this distance of 0.5 is a tie for the round_prefer_* modes: float32
-# coordinates of exact ties (e.g. 2 / (4 / 7) = 3.5) may land a few ulps off 0.5. ONNX Runtime
-# uses the same tolerance (its fix of microsoft/onnxruntime#28291).
-_TIE_TOLERANCE = 1e-6
-
-
-def _nearest_index(coord: np.ndarray, nearest_mode: str, downsampling: bool) -> np.ndarray:
-    """Round input coordinates to pixel indices (``nearest_mode``)."""
-    floor = np.floor(coord)
-    frac = coord - floor
-    tie = np.abs(frac - np.float32(0.5)) <= _TIE_TOLERANCE
-    if nearest_mode == "round_prefer_floor":
-        index = np.where(tie | (frac < 0.5), floor, floor + 1)
-    elif nearest_mode == "round_prefer_ceil":
-        index = np.where(tie | (frac > 0.5), floor + 1, floor)
-    elif nearest_mode == "floor":
-        index = floor
-    elif nearest_mode == "ceil":
-        index = np.ceil(coord)
-    elif nearest_mode == "simple":  # opset < 11 Resize/Upsample: truncate, ceil when downsampling
-        index = np.ceil(coord) if downsampling else np.trunc(coord)
-    else:
-        raise ValueError(f"unknown nearest_mode {nearest_mode!r}")
-    return index.astype(np.int64)
 
 
 def _cubic_weights(t: np.ndarray, a: float) -> np.ndarray:
@@ -109,12 +58,12 @@ def _resize_axis(
     data: torch.Tensor, a: _AxisResize, attrs: NodeAttrs, mode: str, coord_mode: str
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Resize one axis; also return which output positions fall outside the input (tf_crop_and_resize)."""
-    coord = _original_coordinates(a, coord_mode)
+    coord = original_coordinates(a.out_size, a.in_size, a.scale, coord_mode, a.roi_start, a.roi_end)
     last = a.in_size - 1
     outside = (coord < 0) | (coord > last)
     if mode == "nearest":
         nearest_mode = attrs.get("nearest_mode", "round_prefer_floor") if attrs.opset >= 11 else "simple"
-        index = np.clip(_nearest_index(coord, nearest_mode, a.scale < 1), 0, last)
+        index = np.clip(nearest_index(coord, nearest_mode, a.scale < 1), 0, last)
         return _take(data, a.axis, index), outside
     if mode == "linear":
         coord = np.clip(coord, np.float32(0), np.float32(last))

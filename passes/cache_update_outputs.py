@@ -1,0 +1,44 @@
+"""Outputs of the SPARSE graph with the recomputed tiles of every activation cache it reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from sigec.passes.sparse_context import RewriteContext
+
+
+class AddCacheUpdateOutputsPass(ir.passes.InPlacePass):
+    """Add, for every activation cache the SPARSE graph reads, its recomputed tiles as an output.
+
+    ``Engine.run(update_cache=True)`` writes these tiles into the caches. The pass sets
+    ``ctx.record.updates`` (the manifest's ``updates``: output, cache, resolution).
+
+    Rules:
+    1. The output is the tiles value of the cache source's Sparse form itself (no copy), typed
+       ``[n_<res>, C, T, T]`` with the cache's dtype.
+    2. Tiles that are already a graph output are not added again (so the pass is idempotent).
+    3. Static and statistics caches get no output (the edit does not change them).
+    """
+
+    def __init__(self, ctx: RewriteContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        forms = {form.source: form for form in self.ctx.forms.sparse()}
+        updates = []
+        modified = False
+        for cache in self.ctx.caches.read_by(graph):
+            if cache.kind != "activation" or cache.source not in forms:
+                continue
+            form = forms[cache.source]
+            if not form.vals.is_graph_output():
+                form.vals.dtype = ir.DataType.from_numpy(np.dtype(cache.dtype))
+                form.vals.shape = ir.Shape([f"n_{form.res.name}", cache.shape[1], form.res.tile, form.res.tile])
+                graph.outputs.append(form.vals)
+                modified = True
+            updates.append({"output": form.vals.name, "cache": cache.name, "resolution": form.res.name})
+        self.ctx.record.updates = updates
+        return ir.passes.PassResult(model, modified)
