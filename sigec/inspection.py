@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -43,16 +43,103 @@ def report(manifest: dict[str, Any], mask: np.ndarray | None = None) -> dict[str
     return out
 
 
-def render(rep: dict[str, Any], console: Any = None) -> None:
-    """Print the report as rich tables."""
-    from rich.console import Console
+NO_RESOLUTION = "-"
+"""Summary row of the nodes outside every tile grid (dense islands, static nodes)."""
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 resolution', '3 resolutions' (nouns with a plain -s plural)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _group(rep: dict[str, Any], key: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for n in rep["nodes"]:
+        if n["kind"] != "constant":  # folded constants cost nothing and would only add rows
+            groups.setdefault(key(n), []).append(n)
+    rows = []
+    for name, members in groups.items():
+        kinds: dict[str, int] = {}
+        for n in members:
+            kinds[n["kind"]] = kinds.get(n["kind"], 0) + 1
+        row = {"name": name, "nodes": len(members), "kinds": kinds, "dense_macs": costs.dense_macs(members)}
+        if "mask" in rep:
+            row["executed_macs"] = sum(int(n.get("executed_macs", 0)) for n in members)
+        rows.append(row)
+    return rows
+
+
+def summary(rep: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The report's nodes (constants left out) aggregated per resolution and per op type.
+
+    Each row has ``name``, ``nodes``, ``kinds`` (count per kind), ``dense_macs`` and, when the
+    report has a mask, ``executed_macs``: sums over the row's nodes as ``report`` counts them.
+    Resolutions come in the manifest's order, then resolutions that run dense, then
+    ``NO_RESOLUTION``; op types by dense MACs, largest first.
+    """
+    order = {r["name"]: i for i, r in enumerate(rep["resolutions"])}
+
+    def resolution_rank(row: dict[str, Any]) -> tuple[int, int, str]:
+        if row["name"] in order:
+            return 0, order[row["name"]], ""
+        return (2, 0, "") if row["name"] == NO_RESOLUTION else (1, 0, row["name"])
+
+    by_resolution = sorted(_group(rep, lambda n: n.get("resolution") or NO_RESOLUTION), key=resolution_rank)
+    by_op = sorted(_group(rep, lambda n: n["op_type"]), key=lambda r: (-r["dense_macs"], -r["nodes"], r["name"]))
+    return {"resolutions": by_resolution, "ops": by_op}
+
+
+def _kinds_text(kinds: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+
+
+def _mmacs(macs: int) -> str:
+    return f"{macs / 1e6:.2f}" if macs else ""
+
+
+def _share(macs: int, total: int) -> str:
+    return f"{macs / max(total, 1):.1%}" if macs else ""
+
+
+def _render_summary(rep: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
-    if console is None:
-        console = Console()
-        console = Console(width=max(console.width, 150))  # the node table needs room; pipes report 80
-    console.print(f"[bold]sigec engine[/bold] mode={rep['mode']} backend={rep['backend']} "
-                  f"version={rep['sigec_version']}  nodes: " + ", ".join(f"{k} {v}" for k, v in rep["kinds"].items()))
+    rows = summary(rep)
+    mask = rep.get("mask")
+    total = rep["dense_macs"]
+    sizes = {r["name"]: r for r in rep["resolutions"]}
+    outside = any(row["name"] == NO_RESOLUTION for row in rows["resolutions"])
+    res = Table(title="per resolution",
+                caption=f"{NO_RESOLUTION}: nodes outside the tile grids (dense islands, static)" if outside else None)
+    columns = ["resolution", "size", "tile", "nodes", "dense MMACs", "share"]
+    if mask:
+        columns += ["active tiles", "active fraction", "executed MMACs"]
+    for col in columns:
+        res.add_column(col)
+    for row in rows["resolutions"]:
+        r = sizes.get(row["name"])
+        size = f"{r['size'][0]}x{r['size'][1]}" if r else ""
+        tile = str(r["tile"]) if r else ("" if row["name"] == NO_RESOLUTION else "dense")
+        cells = [row["name"], size, tile, _kinds_text(row["kinds"]), _mmacs(row["dense_macs"]),
+                 _share(row["dense_macs"], total)]
+        if mask:
+            cells += [str(mask["active_tiles"].get(row["name"], "")),
+                      f"{mask['active_fraction'][row['name']]:.3f}" if row["name"] in mask["active_fraction"] else "",
+                      _mmacs(row["executed_macs"])]
+        res.add_row(*cells)
+    console.print(res)
+    ops = Table(title="per op type")
+    for col in ("op", "nodes", "dense MMACs", "share") + (("executed MMACs",) if mask else ()):
+        ops.add_column(col)
+    for row in rows["ops"]:
+        cells = [row["name"], _kinds_text(row["kinds"]), _mmacs(row["dense_macs"]), _share(row["dense_macs"], total)]
+        ops.add_row(*cells, *((_mmacs(row["executed_macs"]),) if mask else ()))
+    console.print(ops)
+
+
+def _render_nodes(rep: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
     res = Table(title="resolutions")
     for col in ("name", "size", "tile", "active tiles", "active fraction"):
         res.add_column(col)
@@ -73,9 +160,34 @@ def render(rep: dict[str, Any], console: Any = None) -> None:
                       f"{n.get('dense_macs', 0) / 1e6:.2f}" if n.get("dense_macs") else "",
                       f"{n['executed_macs'] / 1e6:.2f}" if "executed_macs" in n else "", n.get("note", ""))
     console.print(table)
-    console.print(f"caches: {rep['caches']['count']} tensors, {rep['caches']['bytes'] / 2**20:.1f} MiB per key")
+
+
+def render(rep: dict[str, Any], console: Any = None, *, nodes: bool = False) -> None:
+    """Print the report as rich tables: a summary per resolution and per op type, or with
+    ``nodes=True`` the table of every node and every approximation."""
+    from rich.console import Console
+
+    if console is None:
+        console = Console()
+        console = Console(width=max(console.width, 150))  # the node table needs room; pipes report 80
+    console.print(f"[bold]sigec engine[/bold] mode={rep['mode']} backend={rep['backend']} "
+                  f"version={rep['sigec_version']}  nodes: " + ", ".join(f"{k} {v}" for k, v in rep["kinds"].items()))
+    if nodes:
+        _render_nodes(rep, console)
+    else:
+        _render_summary(rep, console)
+    console.print(f"caches: {plural(rep['caches']['count'], 'tensor')}, "
+                  f"{rep['caches']['bytes'] / 2**20:.1f} MiB per key")
+    per_node = [a for a in rep["approximations"] if a["node"] != "*"]
     for a in rep["approximations"]:
-        console.print(f"[yellow]approximation[/yellow] {a['node']} ({a['op_type']}): {a['detail']}")
+        if nodes or a["node"] == "*":  # engine-wide approximations are always worth a line
+            console.print(f"[yellow]approximation[/yellow] {a['node']} ({a['op_type']}): {a['detail']}")
+    if per_node and not nodes:
+        ops: dict[str, int] = {}
+        for a in per_node:
+            ops[a["op_type"]] = ops.get(a["op_type"], 0) + 1
+        console.print(f"[yellow]approximations[/yellow] at {plural(len(per_node), 'node')} ({_kinds_text(ops)}), "
+                      f"each listed with the node table")
     console.print(f"dense MACs: {rep['dense_macs'] / 1e9:.4f} G")
     if "mask" in rep:
         m = rep["mask"]

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from sigec.apps import zoo
-from sigec.core.errors import CompileError
 from sigec.frontends.torch_frontend import export_module
 
 # Relative L2 error allowed between ONNX Runtime and PyTorch on the same float32 model.
@@ -41,8 +40,8 @@ def test_registry_lists_the_five_models():
     assert sorted(zoo.MODELS) == sorted(SMALL_MODELS)
 
 
-def test_build_unknown_name_is_a_compile_error():
-    with pytest.raises(CompileError, match="unknown zoo model 'nope'.*tiny_local"):
+def test_build_unknown_name_is_a_value_error_naming_the_models():
+    with pytest.raises(ValueError, match="unknown zoo model 'nope'.*tiny_local"):
         zoo.build("nope")
 
 

@@ -12,7 +12,9 @@ Attribution rules: ``sigec.runtime.profiling``.
 from __future__ import annotations
 
 import argparse
+import sys
 
+from sigec.core.errors import SigecError
 from sigec.runtime.profiling import OTHER, EngineProfile, GraphProfile, profile_engine
 
 
@@ -53,14 +55,22 @@ def resolution_table(result: EngineProfile) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("engine")
-    parser.add_argument("--edit", type=float, default=0.012)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    result = profile_engine(args.engine, edit=args.edit, runs=args.runs, threads=args.threads)
+def main(argv: list[str] | None = None) -> int:
+    """Profile the engine named on the command line and print the tables; 2 on a sigec error."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("engine", help="engine file (.sigec)")
+    parser.add_argument("--edit", type=float, default=0.012, help="edited fraction of the image (a centred square)")
+    parser.add_argument("--runs", type=int, default=3, help="profiled sparse and dense runs")
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    args = parser.parse_args(argv)
+    if not 0.0 < args.edit <= 1.0 or args.runs < 1:
+        parser.error("--edit must lie in (0, 1] and --runs be at least 1")
+    try:
+        result = profile_engine(args.engine, edit=args.edit, runs=args.runs, threads=args.threads)
+    except SigecError as exc:
+        print(f"profile_sparse: error: {exc}", file=sys.stderr)
+        return 2
     print(f"edit {args.edit:.1%}: MAC reduction {result.mac_reduction:.2f}x; sparse wall {result.sparse_wall_ms:.1f} ms; "
           f"kernel time sparse {result.sparse.total_ms:.1f} ms, dense {result.dense.total_ms:.1f} ms "
           f"(ratio {result.dense.total_ms / result.sparse.total_ms:.2f}x)")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from sigec.inspection import plural
 from sigec.runtime.backends import session_options
 from sigec.runtime.engine import DEFAULT_KEY, Engine
 from sigec.runtime.synthetic_edits import edit_inputs, random_inputs, square_mask
@@ -19,7 +21,7 @@ DenseRun = Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray]]
 """A dense run of the model: inputs by name -> outputs (default: ``engine.run_dense``)."""
 
 EMPTY_EDIT_BUDGET = 0.02
-"""Issue 5: a sparse run with an empty edit may cost at most this fraction of a dense run."""
+"""A sparse run with an empty edit may cost at most this fraction of a dense run."""
 
 
 @dataclass
@@ -98,11 +100,13 @@ def _time(fn: Callable[[], Any]) -> float:
 
 def measure(engine: Engine, original: Mapping[str, np.ndarray], edits: Sequence[float], *, repeats: int = 3,
             progress: bool = True, make_edit: Callable[[np.ndarray], Mapping[str, np.ndarray]] | None = None,
-            key: Any = None, dense: DenseRun | None = None) -> list[BenchRow]:
+            key: Any = None, dense: DenseRun | None = None,
+            on_row: Callable[[BenchRow], None] | None = None) -> list[BenchRow]:
     """Prime once, then for every edit size time dense and sparse runs alternately (after a warm-up).
 
     ``dense`` replaces ``engine.run_dense`` as the dense baseline (e.g. the fastest exported graph
-    found by tools/dense_baseline.py); errors are measured against its output.
+    found by tools/dense_baseline.py); errors are measured against its output. ``on_row`` is
+    called with each row as soon as it is measured.
     """
     spatial = [i["name"] for i in engine.manifest["inputs"] if i["spatial"]]
     h, w = engine.manifest["mask_program"]["input_size"]
@@ -134,12 +138,14 @@ def measure(engine: Engine, original: Mapping[str, np.ndarray], edits: Sequence[
             rows.append(BenchRow(edit=edit, dense_ms=statistics.median(dense_t), sparse_ms=statistics.median(sparse_t),
                                  mac_reduction=dense_macs / max(executed, 1), rel_l2=err, psnr=psnr, path=stats.path,
                                  active_fraction={k: t.fraction for k, t in tiles.items()}))
+            if on_row is not None:
+                on_row(rows[-1])
     return rows
 
 
 @dataclass
 class EmptyEdit:
-    """Issue 5's empty-edit figure: ``engine.run(original, mask=all False)`` against a dense run."""
+    """The empty-edit figure: ``engine.run(original, mask=all False)`` against a dense run."""
 
     empty_ms: float
     dense_ms: float
@@ -200,14 +206,37 @@ def markdown_table(rows: Sequence[BenchRow]) -> str:
     return "\n".join(lines)
 
 
+def _progress(message: str) -> None:
+    # stderr, flushed: visible while the benchmark runs, also when the output goes to a file or a pipe
+    print(message, file=sys.stderr, flush=True)
+
+
+def _row_line(row: BenchRow, done: int, total: int) -> str:
+    return (f"[{done}/{total}] edit {row.edit * 100:.1f}%: dense {row.dense_ms:.1f} ms, sparse {row.sparse_ms:.1f} ms "
+            f"({row.speedup:.2f}x, path {row.path})")
+
+
 def bench_engine(path: str, *, edits: Sequence[float], repeats: int = 3, threads: int = 2,
                  backend: str | None = None) -> list[BenchRow]:
-    """``sigec bench ENGINE``: random original inputs, square noise edits, printed table and empty-edit line."""
+    """``sigec bench ENGINE``: random original inputs, square noise edits, printed table and empty-edit line.
+
+    Progress (one line per measured edit) goes to stderr as it happens; the table goes to stdout.
+    """
     import sigec
 
     engine = sigec.load(path, backend=backend, threads=threads)
     original = random_inputs(engine.manifest)
-    rows = measure(engine, original, edits, repeats=repeats)
+    _progress(f"bench {path}: {plural(len(edits), 'edit size')}, {plural(repeats, 'timed run')} each, "
+              f"{plural(threads, 'thread')}")
+    done = 0
+
+    def report(row: BenchRow) -> None:
+        nonlocal done
+        done += 1
+        _progress(_row_line(row, done, len(edits)))
+
+    rows = measure(engine, original, edits, repeats=repeats, progress=sys.stderr.isatty(), on_row=report)
+    _progress("measuring the empty edit")
     print(markdown_table(rows))
     print()
     print(measure_empty_edit(engine, original, repeats=repeats).line())

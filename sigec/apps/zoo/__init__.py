@@ -12,7 +12,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from sigec.core.errors import CompileError
 from sigec.apps.zoo.ddpm import ddpm_unet
 from sigec.apps.zoo.label_maps import edit_label_map, label_boundaries, random_label_map
 from sigec.apps.zoo.pix2pix import resnet9
@@ -32,11 +31,14 @@ MODELS: dict[str, ModelFactory] = {
 
 
 def build(name: str, **kw: object) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Build zoo model ``name`` with factory keyword arguments ``kw`` (``small``, ``batch``, ...)."""
+    """Build zoo model ``name`` with factory keyword arguments ``kw`` (``small``, ``batch``, ...).
+
+    An unknown ``name`` raises ValueError listing the available models (nothing is compiled here).
+    """
     try:
         factory = MODELS[name]
     except KeyError:
-        raise CompileError(f"unknown zoo model {name!r}; available: {', '.join(sorted(MODELS))}") from None
+        raise ValueError(f"unknown zoo model {name!r}; available: {', '.join(sorted(MODELS))}") from None
     return factory(**kw)
 
 
