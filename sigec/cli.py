@@ -138,7 +138,7 @@ def load_array(path: str, *, as_mask: bool = False) -> np.ndarray:
 def save_array(path: str, array: np.ndarray) -> None:
     """Write an output as .npy, or as an image when the suffix is .png/.jpg."""
     p = pathlib.Path(path)
-    if p.suffix in IMAGE_SUFFIXES:
+    if p.suffix.lower() in IMAGE_SUFFIXES:
         from PIL import Image
 
         img = np.clip((array[0].transpose(1, 2, 0) + 1.0) * 127.5, 0, 255).astype(np.uint8)
@@ -354,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change threshold of the computed mask (default: the engine's, set at compile time)")
     r.add_argument("--dilation", type=int, default=None,
                    help="pixels added around the mask (default: the engine's, set at compile time)")
-    r.add_argument("-o", "--output", help="write the first output: .npy, or .png/.jpg for images; its folder must exist")
+    r.add_argument("-o", "--output",
+                   help="write the first output: .npy, or .png/.jpg for images; its folder must exist")
     r.add_argument("--backend", choices=BACKENDS, default=None,
                    help="run with this backend instead of the one the engine was compiled for")
     r.add_argument("--threads", type=_positive_int, default=None,

@@ -113,9 +113,11 @@ def measure(engine: Engine, original: Mapping[str, np.ndarray], edits: Sequence[
     run_dense = dense or engine.run_dense
     engine.prime(original, key=key)
     rows = []
+    from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(disable=not progress, transient=True) as bar:
+    # the bar goes to stderr, beside the progress lines, so that stdout holds only results
+    with Progress(disable=not progress, transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task("benchmark", total=len(edits) * (repeats + 1))
         for edit in edits:
             mask = square_mask(h, w, edit)
