@@ -275,6 +275,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sigec.apps.serve.cli import serve_command
+
+    return serve_command(args)
+
+
 def cmd_build_trt(args: argparse.Namespace) -> int:
     from sigec.passes.tensorrt_build import build_engine_file
 
@@ -388,6 +394,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", choices=BACKENDS, default=None,
                    help="run with this backend instead of the one the engine was compiled for")
     b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("serve", help="serve an engine over HTTP with Ray Serve: sessions and a painting page "
+                                     "(needs sigec[serve]; docs/serving.md)")
+    s.add_argument("engine", help="engine file (.sigec), at this path on every Ray node")
+    s.add_argument("--host", default="127.0.0.1", help="address the HTTP server binds (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    s.add_argument("--replicas", type=int, default=1, help="engine replicas, each holding its sessions' caches")
+    s.add_argument("--threads", type=int, default=1, help="intra-op threads per replica (default 1)")
+    s.add_argument("--max-cache-mib", type=float, default=None,
+                   help="bound on each replica's caches; least recently used sessions expire (default: none)")
+    s.add_argument("--address", default=None, help="join this Ray cluster (default: start a local Ray instance)")
+    s.set_defaults(func=cmd_serve)
     return parser
 
 

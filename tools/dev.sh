@@ -21,10 +21,24 @@ install() {
   "$PYTHON" -m pip install --quiet $isolation -e ".[$extras]"
 }
 
+# tests/test_serve_page.py drives a real browser: Debian's Chromium (installed here when missing and
+# when apt-get can run) through Playwright's Python package. Never `playwright install`: it would
+# download a browser build of its own. Without a browser the page test skips and says why.
+install_browser() {
+  if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+      >/dev/null || echo "dev.sh: could not install chromium; the browser test will skip" >&2
+  fi
+  "$PYTHON" -c "import playwright" 2>/dev/null || "$PYTHON" -m pip install --quiet "playwright>=1.45" || \
+    echo "dev.sh: could not install playwright; the browser test will skip" >&2
+}
+
 case "${1:-}" in
   install) install ;;
   demo) install; "$PYTHON" -m sigec.cli demo --out out/demo ;;
   # The tests also check the Triton GPU kernels on the CPU (TRITON_INTERPRET=1): install the gpu extra.
-  test) install "test,models,gpu"; shift; "$PYTHON" -m pytest -q "$@" ;;
-  *) echo "usage: bash tools/dev.sh {demo|test|install} [pytest args]" >&2; exit 2 ;;
+  # The serving tests need the serve extra (Ray Serve) and the browser.
+  test) install "test,models,gpu,serve"; install_browser; shift; "$PYTHON" -m pytest -q "$@" ;;
+  browser) install_browser ;;
+  *) echo "usage: bash tools/dev.sh {demo|test|install|browser} [pytest args]" >&2; exit 2 ;;
 esac
