@@ -40,8 +40,13 @@ class ReadWriteLock:
             try:
                 while self._writer or self._readers:
                     self._cond.wait()
-            finally:
+            except BaseException:
+                # interrupted while waiting (e.g. KeyboardInterrupt): readers held back by this
+                # writer must be woken, or they would wait for a writer that never comes
                 self._writers_waiting -= 1
+                self._cond.notify_all()
+                raise
+            self._writers_waiting -= 1
             self._writer = True
 
     def release_write(self) -> None:

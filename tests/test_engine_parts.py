@@ -363,3 +363,52 @@ def test_node_costs_add_up_to_the_run_cost():
     assert model.dense == costs.dense_macs(nodes) == 320 + 48 + 100
     assert model.executed(tiles) == costs.executed_macs(nodes, tiles) == 5 * 4 + 3 * 2 + 100
     assert [costs.node_macs(n, tiles) for n in nodes] == [20, 6, 100, 0, 0]
+
+
+def test_an_interrupted_writer_does_not_leave_readers_waiting():
+    """A writer interrupted while waiting must wake the readers it was holding back."""
+    import threading
+    import time
+
+    from sigec.runtime.rwlock import ReadWriteLock
+
+    lock = ReadWriteLock()
+    lock.acquire_read()  # a reader inside: the writer has to wait
+    real_wait, go = lock._cond.wait, threading.Event()
+    writer_failed, reader_in = threading.Event(), threading.Event()
+
+    def wait(timeout=None):
+        if threading.current_thread().name != "writer":
+            return real_wait(timeout)
+        lock._cond.release()  # what Condition.wait does, then an interruption
+        try:
+            go.wait(5)
+        finally:
+            lock._cond.acquire()
+        raise KeyboardInterrupt
+
+    def writer() -> None:
+        try:
+            lock.acquire_write()
+        except KeyboardInterrupt:
+            writer_failed.set()
+
+    def reader() -> None:
+        lock.acquire_read()
+        reader_in.set()
+        lock.release_read()
+
+    lock._cond.wait = wait
+    threading.Thread(target=writer, name="writer").start()
+    time.sleep(0.2)  # the writer is waiting now
+    reader_thread = threading.Thread(target=reader)
+    reader_thread.start()
+    time.sleep(0.2)  # the reader waits behind the writer
+    assert not reader_in.is_set()
+    go.set()
+    assert writer_failed.wait(5)
+    assert reader_in.wait(2), "the reader still waits for a writer that is gone"
+    lock.release_read()
+    reader_thread.join(5)
+    lock.acquire_write()  # the lock is still usable
+    lock.release_write()
