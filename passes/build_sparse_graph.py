@@ -118,7 +118,8 @@ def _skip(w: NodeWalk, node: ir.Node) -> None:
 
 def _copy_constant(w: NodeWalk, node: ir.Node) -> None:
     ctx = w.ctx
-    outs = ctx.graph.copy(node, [None if v is None else ctx.forms.get(v).value for v in node.inputs])  # type: ignore[union-attr]
+    inputs = [None if v is None else ctx.forms.get(v).value for v in node.inputs]  # type: ignore[union-attr]
+    outs = ctx.graph.copy(node, inputs)
     for out, new in zip(node.outputs, outs):
         ctx.forms.set(out, Dense(new, EMPTY_MASK))
     ctx.record.report(node, "constant")
@@ -270,9 +271,9 @@ def _emit_outputs(ctx: RewriteContext, model: ir.Model) -> None:
     for out in model.graph.outputs:
         form = ctx.forms.get(out)
         if isinstance(form, Sparse):
-            value = b.op("TileScatter", [ctx.caches.cache(form.source, resolution=form.res.name), form.vals,
-                                         ctx.grids.coords(form.res)], hint=out.name, output=out.name,  # type: ignore[arg-type]
-                         domain=SIGEC_DOMAIN)
+            cache = ctx.caches.cache(form.source, resolution=form.res.name)
+            value = b.op("TileScatter", [cache, form.vals, ctx.grids.coords(form.res)], hint=out.name,
+                         output=out.name, domain=SIGEC_DOMAIN)  # type: ignore[arg-type]
         elif form.value.name != out.name:  # type: ignore[union-attr]
             value = b.op("Identity", [form.value], hint=out.name, output=out.name)  # type: ignore[union-attr]
         else:

@@ -48,6 +48,8 @@ class GraphBuilder:
         self._used.add(name)
         attrs: dict[str, Any] = dict(attributes or {})
         attrs.update((k, v) for k, v in values.items() if v is not None)
+        # In name order, as onnx.helper writes them: the protos stay comparable with decoded ones.
+        attrs = dict(sorted(attrs.items()))
         return self._tape.op(op_type, inputs, attrs, domain=domain, name=self.fresh(f"node:{hint}"),
                              output=ir.Value(name=name))
 

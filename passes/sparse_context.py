@@ -189,6 +189,10 @@ class ValueForms:
         """The original model's value called ``name``."""
         return self._values[name]
 
+    def all(self) -> Iterator[Form]:
+        """Every form, in the order the values got them."""
+        return iter(self._forms.values())
+
     def sparse(self) -> Iterator[Sparse]:
         """Every Sparse form, in the order the values got them."""
         return (f for f in self._forms.values() if isinstance(f, Sparse))

@@ -155,7 +155,8 @@ def rule_pool(ctx: RewriteContext, node: ir.Node) -> None:
     kernel = [int(k) for k in attr(node, "kernel_shape")]
     strides = _pair(attr(node, "strides"), 1)
     pads = _pads4(node)
-    if any(pads) or int(attr(node, "ceil_mode", 0)) or (attr(node, "dilations") and any(d != 1 for d in attr(node, "dilations"))):
+    dilated = any(d != 1 for d in attr(node, "dilations") or [])
+    if any(pads) or int(attr(node, "ceil_mode", 0)) or dilated:
         raise Unsupported("pooling with padding, ceil_mode or dilation")
     if len(node.outputs) > 1 and node.outputs[1].uses():
         raise Unsupported("MaxPool indices output is used")
@@ -534,10 +535,11 @@ def rule_frozen_norm(ctx: RewriteContext, match: NormMatch) -> None:
                           per_tile_shape], hint="shift4")
     vals = b.op("Add", [b.op("Mul", [xs.vals, s4], hint="norm_mul"), t4], hint=f"vals::{y.name}")
     x_form = ctx.forms.get(x)
-    view = View(x_form, Prologue(scale=scale, shift=shift)) if isinstance(x_form, Sparse) and x_form.view is None else None
-    ctx.set_sparse(y, vals, res, xs.mask, view)
+    fusable = isinstance(x_form, Sparse) and x_form.view is None
+    ctx.set_sparse(y, vals, res, xs.mask, View(x_form, Prologue(scale=scale, shift=shift)) if fusable else None)
     for node in match.nodes:
-        ctx.record.report(node, "approx", resolution=res.name, tile=res.tile, note="normalisation with frozen statistics")
+        ctx.record.report(node, "approx", resolution=res.name, tile=res.tile,
+                          note="normalisation with frozen statistics")
     ctx.record.approximate(match.nodes[0], f"normalisation of '{x.name}' uses statistics frozen from the original")
 
 
