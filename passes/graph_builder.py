@@ -39,7 +39,8 @@ class GraphBuilder:
         return name
 
     def op(self, op_type: str, inputs: Sequence[ir.Value | None], *, hint: str, domain: str = "",
-           output: str | None = None, attributes: Mapping[str, ir.Attr] | None = None, **values: Any) -> ir.Value:
+           output: str | None = None, attributes: Mapping[str, ir.Attr] | None = None,
+           **values: Any) -> ir.Value:
         """Append a single-output node; its output is named ``output`` (a reserved name) or from ``hint``.
 
         Attributes are ``attributes`` (another node's, copied) and keyword Python values (None dropped).

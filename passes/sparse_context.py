@@ -26,7 +26,8 @@ from sigec.passes._ir_utils import static_shape
 from sigec.passes.graph_builder import SIGEC_DOMAIN, GraphBuilder, sparse_graph
 from sigec.passes.group_norm_match import NormMatch
 from sigec.passes.mask_builder import MaskProgramBuilder
-from sigec.passes.sparse_forms import EMPTY_MASK, Dense, Form, MaskId, Padded, Prologue, Resolution, Sparse, View
+from sigec.passes.sparse_forms import (EMPTY_MASK, Dense, Form, GatherSource, MaskId, Padded, Prologue, Resolution,
+                                       Sparse, View)
 
 
 class Unsupported(Exception):
@@ -127,17 +128,6 @@ class StatsRequest:
     scale_cache: str
     shift_cache: str
     match: NormMatch
-
-
-@dataclass(frozen=True)
-class GatherSource:
-    """What a TileGather reads for a form: ``prologue(upsample(form))``, padded by ``pads`` in ``pad_mode``."""
-
-    form: Sparse | Dense
-    prologue: Prologue | None = None
-    upsample: int = 1
-    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
-    pad_mode: str = "zeros"
 
 
 def shape_of(value: ir.Value) -> tuple[int, ...]:

@@ -116,3 +116,15 @@ class View:
 
 
 Form = Sparse | Dense | Padded
+
+
+@dataclass(frozen=True)
+class GatherSource:
+    """A form with its views and virtual Pad resolved: a TileGather reads ``prologue(upsample(form))``,
+    padded by ``pads`` in ``pad_mode`` (``RewriteContext.gather_source``)."""
+
+    form: Sparse | Dense
+    prologue: Prologue | None = None
+    upsample: int = 1
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    pad_mode: str = "zeros"

@@ -17,8 +17,8 @@ import onnx_ir as ir
 from sigec.core.resize_rules import nearest_source_index
 from sigec.passes._ir_utils import attr, const_array, static_shape
 from sigec.passes.group_norm_match import NormMatch
-from sigec.passes.sparse_context import GatherSource, RewriteContext, Unsupported, shape_of
-from sigec.passes.sparse_forms import Dense, Form, MaskId, Padded, Prologue, Resolution, Sparse, View
+from sigec.passes.sparse_context import RewriteContext, Unsupported, shape_of
+from sigec.passes.sparse_forms import Dense, Form, GatherSource, MaskId, Padded, Prologue, Resolution, Sparse, View
 
 Rule = Callable[[RewriteContext, ir.Node], None]
 
