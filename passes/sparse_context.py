@@ -425,14 +425,24 @@ class RewriteContext:
 
     def to_dense(self, value: ir.Value) -> ir.Value:
         """The value as a full tensor (TileScatter of a Sparse value into its cache)."""
-        form = self.forms.get(value)
+        return self._form_to_dense(value.name, self.forms.get(value))
+
+    def _form_to_dense(self, name: str, form: Sparse | Dense | Padded) -> ir.Value:
         if isinstance(form, Dense):
             return form.value
-        if isinstance(form, Padded):
-            raise Unsupported("a padded tensor must feed a convolution or pooling directly")
-        if value.name not in self._dense_of:
-            cache = self.caches.cache(form.source, resolution=form.res.name)
-            self._dense_of[value.name] = self.graph.op(  # type: ignore[index]
-                "TileScatter", [cache, form.vals, self.grids.coords(form.res)], hint=f"full::{value.name}",
-                domain=SIGEC_DOMAIN)
-        return self._dense_of[value.name]  # type: ignore[index]
+        if name not in self._dense_of:
+            if isinstance(form, Padded):
+                # a Pad kept virtual for a gather, read by a dense node after all (e.g. a convolution
+                # on a dense resolution): pad the full inner tensor
+                top, left, bottom, right = form.pads
+                pads = self.graph.const(np.array([0, 0, top, left, 0, 0, bottom, right], np.int64), "c:pads")
+                inner_name = form.inner.source if isinstance(form.inner, Sparse) else f"{name}::inner"
+                inner = self._form_to_dense(inner_name, form.inner)
+                mode = {"zeros": "constant"}.get(form.mode, form.mode)
+                self._dense_of[name] = self.graph.op("Pad", [inner, pads], hint=f"full::{name}", mode=mode)
+            else:
+                cache = self.caches.cache(form.source, resolution=form.res.name)
+                self._dense_of[name] = self.graph.op(
+                    "TileScatter", [cache, form.vals, self.grids.coords(form.res)], hint=f"full::{name}",
+                    domain=SIGEC_DOMAIN)
+        return self._dense_of[name]

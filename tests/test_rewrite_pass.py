@@ -396,3 +396,32 @@ def test_nearest_downscale_geometry_follows_onnx_runtime(size_in, size_out, ctm,
         assert rel_err(out, expected) <= TOLERANCE, (y, x)
         changed += rel_err(expected_stale, expected) > 100 * TOLERANCE
     assert changed  # some edits reach the sampled pixels, so a wrong offset would show
+
+
+@pytest.mark.parametrize("mode", ["reflect", "edge", "constant"])
+def test_a_folded_pad_read_by_a_dense_resolution_is_padded_densely(mode):
+    """A Pad kept virtual for the next convolution, whose output lies on a resolution forced dense:
+    the convolution runs dense on the padded full tensor (this raised an internal error before)."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 32, 32])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    inits = [nh.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w1"),
+             nh.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w2"),
+             nh.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1], name="c1"),
+             helper.make_node("Pad", ["a", "pads"], ["p"], mode=mode, name="pad"),
+             helper.make_node("Conv", ["p", "w2"], ["y"], strides=[2, 2], name="c2")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    engine = engine_from_proto(model, mode="approx", dense_resolutions=("r16x16",))
+    engine.dense_fallback_fraction = float("inf")
+    x0 = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
+    primed = engine.prime({"x": x0})[0]
+    x1 = x0.copy()
+    x1[..., 10:14, 10:14] += 1.0
+    sparse = engine.run({"x": x1})[0]
+    assert engine.stats.path == "sparse"
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x1})[0]
+    change = rel_err(primed, expected)
+    assert change > 1e-2
+    assert rel_err(sparse, expected) <= 1e-5 * max(change, 1.0)
