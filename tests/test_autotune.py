@@ -1,15 +1,14 @@
 """Autotuning (sigec.autotune) and the per-resolution profile it reads (sigec.runtime.profiling)."""
 
-import numpy as np
 import onnx
 import pytest
 
 import sigec
+from helpers import ALWAYS_SPARSE, assert_exact, compare_with_oracle, ort_oracle
 from sigec.autotune import DENSE, choose, plan_from_choice, resolution_costs, total_cost
 from sigec.core.engine_file import read_manifest
 from sigec.core.errors import CompileError
 from sigec.runtime.profiling import EngineProfile, GraphProfile, node_resolutions, profile_engine
-from sigec.apps.zoo import build
 
 
 def _profile(sparse: dict[str, float], dense: dict[str, float], fractions: dict[str, float]) -> EngineProfile:
@@ -51,19 +50,17 @@ def test_sparse_nodes_are_attributed_to_the_resolution_of_their_tiles():
     assert seeded["shape"] == "r8x8"
 
 
-def test_profile_covers_the_sparse_and_dense_graphs(tmp_path):
-    module, example = build("tiny_local", small=True)
-    path = sigec.compile(module, tmp_path / "tiny.sigec", inputs=example, mode="exact")
-    result = profile_engine(path, edit=0.1, runs=1, threads=1)
+def test_profile_covers_the_sparse_and_dense_graphs(zoo_engine_path):
+    result = profile_engine(zoo_engine_path("tiny_local", "exact"), edit=0.1, runs=1, threads=1)
     assert result.sparse.total_ms > 0 and result.dense.total_ms > 0
     assert set(result.active_fraction) <= set(result.sparse.by_resolution)
     assert sum(result.sparse.by_resolution.values()) == pytest.approx(result.sparse.total_ms)
     assert "TileGather" in result.sparse.by_op and "TileGather" not in result.dense.by_op
 
 
-def test_autotuned_engine_records_its_choice_and_stays_exact(tmp_path):
-    module, example = build("tiny_local", small=True)
-    path = sigec.compile(module, tmp_path / "tuned.sigec", inputs=example, mode="exact", autotune=True,
+def test_autotuned_engine_records_its_choice_and_stays_exact(zoo_model, tmp_path):
+    model = zoo_model("tiny_local")
+    path = sigec.compile(model.proto, tmp_path / "tuned.sigec", mode="exact", autotune=True,
                          autotune_edits=(0.1,), autotune_threads=1)
     manifest = read_manifest(path)
     record = manifest["options"]["autotune"]
@@ -73,19 +70,16 @@ def test_autotuned_engine_records_its_choice_and_stays_exact(tmp_path):
     chosen = record["plan"]["tile_size"]
     for res in manifest["resolutions"]:
         assert res["tile"] == chosen.get(res["name"], chosen["default"])
-    engine = sigec.load(path, threads=1)
-    x0 = {k: v.numpy().copy() for k, v in example.items()}
-    engine.prime(x0)
-    edited = {k: v.copy() for k, v in x0.items()}
-    name = next(iter(edited))
-    edited[name][..., 3:9, 5:11] += 1.0
-    np.testing.assert_allclose(engine.run(edited)[0], engine.run_dense(edited)[0], rtol=1e-5, atol=1e-5)
+    engine = sigec.load(path, threads=1, dense_fallback_fraction=ALWAYS_SPARSE)
+    edited = {k: v.copy() for k, v in model.inputs.items()}
+    edited["image"][..., 3:9, 5:11] += 1.0
+    assert_exact(compare_with_oracle(engine, ort_oracle(model.proto), model.inputs, edited), context="autotuned")
 
 
-def test_autotune_refuses_fixed_choices(tmp_path):
-    module, example = build("tiny_local", small=True)
+def test_autotune_refuses_fixed_choices(zoo_model, tmp_path):
+    proto = zoo_model("tiny_local").proto
     with pytest.raises(CompileError, match="autotune chooses"):
-        sigec.compile(module, tmp_path / "x.sigec", inputs=example, autotune=True, tile_size=4)
+        sigec.compile(proto, tmp_path / "x.sigec", autotune=True, tile_size=4)
     with pytest.raises(CompileError, match="edit sizes"):
-        sigec.compile(module, tmp_path / "x.sigec", inputs=example, autotune=True, autotune_edits=(1.5,))
+        sigec.compile(proto, tmp_path / "x.sigec", autotune=True, autotune_edits=(1.5,))
     assert not (tmp_path / "x.sigec").exists()

@@ -1,42 +1,27 @@
-"""Issue 5's measurement tools on tiny_local (small): the dense baseline, peak memory, the empty-edit cost."""
+"""The measurement tools on tiny_local (small): the dense baseline, peak memory, the empty-edit cost."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
 import sigec
+from helpers import load_tool
 from sigec.apps.bench import EMPTY_EDIT_BUDGET, bench_engine, measure_empty_edit, onnx_dense_run
 from sigec.core.errors import InputError
-from sigec.apps.zoo import build
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(engine path, module, example inputs) of the small tiny_local, compiled in exact mode."""
-    module, example = build("tiny_local", small=True)
-    path = tmp_path_factory.mktemp("bench_tools") / "tiny_local.sigec"
-    sigec.compile(module, path, inputs=example, mode="exact")
-    return path, module, example
+def tiny(zoo_model, zoo_engine_path):
+    """(engine path, module, example inputs) of the small tiny_local, compiled in exact mode (once per session)."""
+    model = zoo_model("tiny_local")
+    return zoo_engine_path("tiny_local", "exact"), model.module, model.example
 
 
 def test_dense_baseline_times_every_variant_and_saves_the_fastest(tiny, tmp_path, capsys):
     engine_path, module, example = tiny
-    tool = _load_tool("dense_baseline")
+    tool = load_tool("dense_baseline")
     report = tool.main(["--model", "tiny_local", "--small", "--opsets", "18",
                         "--repeats", "1", "--engine", str(engine_path), "--json", str(tmp_path / "b.json"),
                         "--save-fastest", str(tmp_path / "fastest.onnx"), "--no-progress"])
@@ -71,7 +56,7 @@ def test_dense_baseline_times_every_variant_and_saves_the_fastest(tiny, tmp_path
 def test_dense_baseline_in_groups_times_each_variant_against_the_reference(tiny, capsys):
     """--group-size 2: one variant at a time next to sigec's DENSE graph, sessions closed in between."""
     engine_path, _, _ = tiny
-    tool = _load_tool("dense_baseline")
+    tool = load_tool("dense_baseline")
     report = tool.main(["--model", "tiny_local", "--small", "--opsets", "18", "--repeats", "2",
                         "--engine", str(engine_path), "--group-size", "2", "--no-progress"])
     printed = capsys.readouterr().out
@@ -93,7 +78,7 @@ def test_an_export_that_silently_keeps_another_opset_is_a_failure(tmp_path):
         def forward(self, x):
             return F.pad(x, (1, 1, 1, 1)) * 2
 
-    tool = _load_tool("dense_baseline")
+    tool = load_tool("dense_baseline")
     example = {"x": torch.randn(1, 2, 4, 4)}
     # The dynamo exporter has no Pad adapter down to opset 17 and keeps opset 18 (with a log line only).
     with pytest.raises(RuntimeError, match="produced opset 18 instead of 17"):
@@ -102,7 +87,7 @@ def test_an_export_that_silently_keeps_another_opset_is_a_failure(tmp_path):
 
 
 def test_parse_opsets():
-    tool = _load_tool("dense_baseline")
+    tool = load_tool("dense_baseline")
     assert tool.parse_opsets("17-19,23") == [17, 18, 19, 23]
     assert tool.parse_opsets("18") == [18]
     with pytest.raises(Exception, match="bad opset list"):
@@ -123,7 +108,7 @@ def test_onnx_dense_run_rejects_a_model_with_other_inputs(tiny, tmp_path):
 
 def test_peak_memory_counts_the_caches(tiny, capsys):
     engine_path, _, _ = tiny
-    tool = _load_tool("peak_memory")
+    tool = load_tool("peak_memory")
     results = tool.main([str(engine_path), "--threads", "1"])[str(engine_path)]
     dense, sparse = results["dense"], results["sparse"]
     assert dense["peak_increase"] > 0 and sparse["peak_increase"] > 0

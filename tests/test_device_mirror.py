@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from helpers import rel_err
+from helpers import ALWAYS_SPARSE, EXACT_TOLERANCE, ort_oracle, rel_err
 from random_nets import random_local_net
 from sigec.compiler import _split_weights
 from sigec.frontends.onnx_frontend import load_onnx
@@ -36,13 +36,16 @@ def test_mirror_uploads_once_forgets_on_request_and_frees_with_the_array():
     assert len(mirror) == 1, "the copy of a collected array is dropped"
 
 
+PROTO = random_local_net(5, depth=5, size=(24, 24))
+
+
 @pytest.fixture
 def resident_engine():
-    proto = random_local_net(5, depth=5, size=(24, 24))
-    result = rewrite(load_onnx(proto), mode="exact", tile_size=4)
+    """An exact-mode engine on the PyTorch runner with device-resident caches, always on the sparse path."""
+    result = rewrite(load_onnx(PROTO), mode="exact", tile_size=4)
     graphs, weights = _split_weights({"full": result.full, "sparse": result.sparse, "dense": result.dense})
     runners = {k: TorchRunner(onnx.ModelProto.FromString(v), weights, resident_caches=True) for k, v in graphs.items()}
-    engine = Engine(result.manifest, runners, dense_fallback_fraction=2.0)
+    engine = Engine(result.manifest, runners, dense_fallback_fraction=ALWAYS_SPARSE)
     name = engine.input_names[0]
     shape = next(i["shape"] for i in engine.manifest["inputs"] if i["name"] == name)
     return engine, name, shape
@@ -56,13 +59,15 @@ def _edited(x, rows, cols, rng):
 
 def test_engine_reuses_device_caches_and_refreshes_them_after_update_cache(resident_engine):
     engine, name, shape = resident_engine
+    oracle = ort_oracle(PROTO)
     mirror = engine._runners["sparse"].mirror
     rng = np.random.default_rng(0)
     x0 = rng.standard_normal(shape).astype(np.float32)
     engine.prime({name: x0})
     x1 = _edited(x0, slice(2, 6), slice(3, 7), rng)
     out = engine.run({name: x1})[0]
-    assert rel_err(out, engine.run_dense({name: x1})[0]) <= 1e-5
+    assert engine.stats.path == "sparse"
+    assert rel_err(out, oracle({name: x1})[0]) <= EXACT_TOLERANCE
     uploaded = mirror.uploads
     assert uploaded == sum(1 for c in engine.manifest["caches"]) > 0
     engine.run({name: _edited(x0, slice(10, 12), slice(10, 12), rng)})
@@ -76,7 +81,11 @@ def test_engine_reuses_device_caches_and_refreshes_them_after_update_cache(resid
     mask = np.zeros(shape[2:], bool)
     mask[19:24, 19:24] = True
     out = engine.run({name: x3}, mask=mask)[0]
-    assert rel_err(out, engine.run_dense({name: x3})[0]) <= 1e-5
+    assert engine.stats.path == "sparse"
+    assert rel_err(out, oracle({name: x3})[0]) <= EXACT_TOLERANCE
+    without_update = x3.copy()
+    without_update[..., :5, :5] = x0[..., :5, :5]
+    assert rel_err(out, oracle({name: without_update})[0]) > 100 * EXACT_TOLERANCE, "stale caches would fail here"
     assert mirror.uploads > uploaded, "the caches update_cache wrote were uploaded again"
 
     engine.drop()

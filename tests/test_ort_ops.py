@@ -14,13 +14,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from helpers import ACT_PARAMS, GATHER_INPUTS, check_gather, conv_attrs, coords_of, sparse_input
 from sigec.core.errors import BackendError
-from sigec.runtime import ort_ops
 from sigec.core.reference_ops import ACTIVATIONS, PAD_MODES, tile_gather, tile_scatter
+from sigec.runtime import ort_ops
 
-GATHER_INPUTS = ("base", "vals", "grid", "coords", "scale", "shift")
 INT64_INPUTS = {"grid", "coords"}
-ACT_PARAMS = {"leaky_relu": (0.1, 0.0), "hard_sigmoid": (0.2, 0.5), "clip": (-0.5, 0.7)}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -55,43 +54,19 @@ def run_gather(arrays: dict, threads: int = 1, **attrs) -> np.ndarray:
     return sess.run(None, {n: arrays[n] for n in present})[0]
 
 
+def ort_gather(threads: int = 1):
+    """The ONNX Runtime kernel with the signature of ``reference_ops.tile_gather`` (for helpers.check_gather)."""
+
+    def kernel(*tensors: torch.Tensor | None, **attrs) -> torch.Tensor:
+        arrays = {name: None if t is None else t.numpy() for name, t in zip(GATHER_INPUTS, tensors)}
+        return torch.from_numpy(run_gather(arrays, threads, **attrs))
+
+    return kernel
+
+
 def ref_gather(arrays: dict, **attrs) -> np.ndarray:
     t = {n: (torch.from_numpy(arrays[n]) if arrays.get(n) is not None else None) for n in GATHER_INPUTS}
     return tile_gather(t["base"], t["vals"], t["grid"], t["coords"], t["scale"], t["shift"], **attrs).numpy()
-
-
-def check_gather(arrays: dict, threads: int = 1, **attrs) -> np.ndarray:
-    out = run_gather(arrays, threads, **attrs)
-    expected = ref_gather(arrays, **attrs)
-    assert out.shape == expected.shape
-    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
-    return out
-
-
-def sparse_input(rng, batch, channels, height, width, tile, cells=None, frac=0.0):
-    """base [B, C, H, W] plus vals/grid for the given active cells (b, cy, cx) or a random fraction."""
-    gh, gw = -(-height // tile), -(-width // tile)
-    if cells is None:
-        mask = rng.random((batch, gh, gw)) < frac
-        cells = [tuple(int(v) for v in c) for c in np.argwhere(mask)]
-    cells = sorted(set(cells))
-    grid = -np.ones((batch, gh, gw), np.int64)
-    for slot, (b, cy, cx) in enumerate(cells):
-        grid[b, cy, cx] = slot
-    return {
-        "base": rng.standard_normal((batch, channels, height, width)).astype(np.float32),
-        "vals": rng.standard_normal((len(cells), channels, tile, tile)).astype(np.float32),
-        "grid": grid,
-    }
-
-
-def coords_of(cells) -> np.ndarray:
-    return np.array(sorted(cells), np.int64).reshape(-1, 3)
-
-
-def conv_attrs(tile: int) -> dict:
-    """A 3x3 stride-1 pad-1 convolution on T x T output tiles."""
-    return {"window": [tile + 2, tile + 2], "step": [tile, tile], "offset": [-1, -1]}
 
 
 # ---------------------------------------------------------------------------------------------- TileGather
@@ -101,7 +76,7 @@ def test_zero_active_tiles_give_empty_output():
     rng = np.random.default_rng(0)
     arrays = sparse_input(rng, 2, 3, 16, 16, 8, cells=[])
     arrays["coords"] = np.zeros((0, 3), np.int64)
-    out = check_gather(arrays, **conv_attrs(8))
+    out = check_gather(ort_gather(), **arrays, **conv_attrs(8)).numpy()
     assert out.shape == (0, 3, 10, 10)
 
 
@@ -114,7 +89,7 @@ def test_corner_and_border_tiles(pad_mode):
     corners = [(b, y, x) for b in range(B) for y in (0, gh - 1) for x in (0, gw - 1)]
     arrays = sparse_input(rng, B, C, H, W, T, cells=corners + [(1, 1, 1), (0, 1, 2)])
     arrays["coords"] = coords_of(corners)
-    out = check_gather(arrays, pad_mode=pad_mode, **conv_attrs(T))
+    out = check_gather(ort_gather(), **arrays, pad_mode=pad_mode, **conv_attrs(T)).numpy()
     assert out.shape == (8, C, T + 2, T + 2)
     if pad_mode == "zeros":
         assert np.all(out[0, :, 0, :] == 0) and np.all(out[0, :, :, 0] == 0)
@@ -131,7 +106,7 @@ def test_every_activation(activation):
     arrays["scale"] = (rng.standard_normal((B, C)) * 2).astype(np.float32)
     arrays["shift"] = rng.standard_normal((C,)).astype(np.float32)
     alpha, beta = ACT_PARAMS.get(activation, (0.0, 0.0))
-    out = check_gather(arrays, activation=activation, alpha=alpha, beta=beta, **conv_attrs(T))
+    out = check_gather(ort_gather(), **arrays, activation=activation, alpha=alpha, beta=beta, **conv_attrs(T)).numpy()
     if activation == "relu":
         assert out.min() == 0.0
 
@@ -142,7 +117,7 @@ def test_exp_activations_on_extreme_values(activation):
     base = np.linspace(-100, 100, 2 * 16 * 16, dtype=np.float32).reshape(1, 2, 16, 16)
     base[0, 1, 5, 5] = np.nan
     arrays = {"base": base, "coords": coords_of([(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)])}
-    out = check_gather(arrays, activation=activation, **conv_attrs(8))
+    out = check_gather(ort_gather(), **arrays, activation=activation, **conv_attrs(8)).numpy()
     assert np.isnan(out).sum() == 1
 
 
@@ -155,7 +130,7 @@ def test_pad_modes_on_tiny_map(pad_mode, upsample):
     grid_h, grid_w = -(-3 * upsample // 4), -(-5 * upsample // 4)
     arrays["coords"] = coords_of([(0, y, x) for y in range(grid_h) for x in range(grid_w)])
     attrs = {"window": [5, 7], "step": [4, 4], "offset": [-1, -2]}
-    check_gather(arrays, pad_mode=pad_mode, upsample=upsample, activation="tanh", **attrs)
+    check_gather(ort_gather(), **arrays, pad_mode=pad_mode, upsample=upsample, activation="tanh", **attrs)
 
 
 @pytest.mark.parametrize("pad_mode", PAD_MODES)
@@ -168,7 +143,7 @@ def test_upsample_2(pad_mode):
     arrays["coords"] = coords_of(
         [(b, y, x) for b in range(B) for y in range(gh) for x in range(gw) if (x * y + b) % 2 == 0]
     )
-    check_gather(arrays, upsample=2, pad_mode=pad_mode, **conv_attrs(8))
+    check_gather(ort_gather(), **arrays, upsample=2, pad_mode=pad_mode, **conv_attrs(8))
 
 
 def test_strided_conv_geometry():
@@ -182,7 +157,8 @@ def test_strided_conv_geometry():
         [(b, y, x) for b in range(B) for y in range(gh) for x in range(gw) if (y + 2 * x + b) % 3]
     )
     window = (T - 1) * 2 + 3
-    check_gather(arrays, window=[window, window], step=[2 * T, 2 * T], offset=[-1, -1], activation="relu")
+    check_gather(ort_gather(), **arrays, window=[window, window], step=[2 * T, 2 * T], offset=[-1, -1],
+                 activation="relu")
 
 
 def test_transposed_conv_geometry():
@@ -192,7 +168,7 @@ def test_transposed_conv_geometry():
     arrays = sparse_input(rng, B, C, H, W, 4, frac=0.3)
     gh, gw = -(-2 * H // T), -(-2 * W // T)
     arrays["coords"] = coords_of([(0, y, x) for y in range(gh) for x in range(gw)])
-    check_gather(arrays, window=[T // 2 + 2, T // 2 + 2], step=[T // 2, T // 2], offset=[-1, -1])
+    check_gather(ort_gather(), **arrays, window=[T // 2 + 2, T // 2 + 2], step=[T // 2, T // 2], offset=[-1, -1])
 
 
 def test_vals_absent_reads_base():
@@ -200,7 +176,7 @@ def test_vals_absent_reads_base():
     arrays = sparse_input(rng, 2, 3, 17, 23, 8, cells=[])
     arrays["vals"] = arrays["grid"] = None
     arrays["coords"] = coords_of([(0, 0, 0), (0, 2, 2), (1, 1, 2), (1, 2, 0)])
-    out = check_gather(arrays, **conv_attrs(8))
+    out = check_gather(ort_gather(), **arrays, **conv_attrs(8)).numpy()
     np.testing.assert_array_equal(out[0, :, 1:, 1:], arrays["base"][0, :, :9, :9])
     assert np.all(out[0, :, 0, :] == 0)
 
@@ -216,7 +192,7 @@ def test_scale_shift_shapes(scale_shape, shift_shape):
     for name, kind in (("scale", scale_shape), ("shift", shift_shape)):
         shape = shapes[kind]
         arrays[name] = None if shape is None else rng.standard_normal(shape).astype(np.float32)
-    check_gather(arrays, activation="silu", **conv_attrs(8))
+    check_gather(ort_gather(), **arrays, activation="silu", **conv_attrs(8))
 
 
 def test_large_random_two_threads():
@@ -226,10 +202,10 @@ def test_large_random_two_threads():
     arrays["coords"] = coords_of([tuple(c) for c in np.argwhere(arrays["grid"] >= 0)] + [(0, 0, 0), (0, 11, 9)])
     arrays["scale"] = rng.standard_normal((C,)).astype(np.float32)
     arrays["shift"] = rng.standard_normal((B, C)).astype(np.float32)
-    out = check_gather(arrays, threads=2, activation="silu", **conv_attrs(T))
+    out = check_gather(ort_gather(2), **arrays, activation="silu", **conv_attrs(T)).numpy()
     assert out.shape[0] == len(arrays["coords"])
     plain = {k: arrays[k] for k in ("base", "vals", "grid", "coords")}
-    check_gather(plain, threads=2, **conv_attrs(T))
+    check_gather(ort_gather(2), **plain, **conv_attrs(T))
 
 
 def test_concurrent_runs_of_one_session():
@@ -418,4 +394,4 @@ def test_windows_lying_in_the_padding_are_valid(pad_mode):
     arrays = sparse_input(rng, 1, 3, 19, 14, 4, cells=[(0, 4, 3)])
     # 1x1 conv after a pad of 2 on each side: output 23 x 18, window origin ty*4 - 2
     arrays["coords"] = coords_of([(0, 5, 1), (0, 5, 4), (0, 0, 0), (0, 4, 3)])
-    check_gather(arrays, window=[4, 4], step=[4, 4], offset=[-2, -2], pad_mode=pad_mode)
+    check_gather(ort_gather(), **arrays, window=[4, 4], step=[4, 4], offset=[-2, -2], pad_mode=pad_mode)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import sparse_input
 from sigec.core.reference_ops import ACTIVATIONS, apply_activation, tile_gather, tile_scatter
 
 
@@ -47,24 +48,12 @@ def _naive_gather(base, vals, grid, coords, scale, shift, window, step, offset, 
     return out
 
 
-def _random_sparse(rng, B, C, H, W, T, frac):
-    gh, gw = -(-H // T), -(-W // T)
-    active = rng.random((B, gh, gw)) < frac
-    coords = np.argwhere(active).astype(np.int64)
-    grid = np.full((B, gh, gw), -1, np.int64)
-    for n, (b, y, x) in enumerate(coords):
-        grid[b, y, x] = n
-    base = rng.standard_normal((B, C, H, W)).astype(np.float32)
-    vals = rng.standard_normal((len(coords), C, T, T)).astype(np.float32)
-    return base, vals, grid, coords
-
-
 @pytest.mark.parametrize("pad_mode", ["zeros", "edge", "reflect"])
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_gather_matches_per_pixel_definition(pad_mode, act):
     rng = np.random.default_rng(0)
     B, C, H, W, Ti = 2, 3, 11, 9, 4
-    base, vals, grid, _ = _random_sparse(rng, B, C, H, W, Ti, 0.5)
+    base, vals, grid, _ = sparse_input(rng, B, C, H, W, Ti, frac=0.5).values()
     To, up = 3, 2 if act in ("relu", "tanh") else 1
     gh, gw = -(-H * up // To), -(-W * up // To)
     out_coords = np.argwhere(rng.random((B, gh, gw)) < 0.6).astype(np.int64)
@@ -91,7 +80,7 @@ def test_gather_without_vals_reads_base_and_handles_zero_tiles():
 
 def test_scatter_crops_border_tiles_and_keeps_base_elsewhere():
     rng = np.random.default_rng(2)
-    base, vals, grid, coords = _random_sparse(rng, 2, 3, 10, 7, 4, 0.4)
+    base, vals, grid, coords = sparse_input(rng, 2, 3, 10, 7, 4, frac=0.4).values()
     got = tile_scatter(torch.from_numpy(base), torch.from_numpy(vals), torch.from_numpy(coords)).numpy()
     for b in range(2):
         for y in range(10):
@@ -104,7 +93,7 @@ def test_mixed_dtypes_as_under_autocast_keep_the_base_dtype(base_dtype, tile_dty
     """Under torch.autocast, float32 caches meet float16 tiles (and the reverse): both ops return the
     base dtype (docs/ops.md), computed as the upcast inputs would be."""
     rng = np.random.default_rng(3)
-    base, vals, grid, coords = _random_sparse(rng, 1, 3, 12, 12, 4, 0.5)
+    base, vals, grid, coords = sparse_input(rng, 1, 3, 12, 12, 4, frac=0.5).values()
     base_t, vals_t = torch.from_numpy(base).to(base_dtype), torch.from_numpy(vals).to(tile_dtype)
     grid_t, coords_t = torch.from_numpy(grid), torch.from_numpy(coords)
     shift = torch.linspace(-1, 1, 3).to(tile_dtype)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from helpers import sparse_input
 from sigec.core.errors import BackendError, InputError
 from sigec.core import reference_ops
 from sigec.runtime.torch_executor import TorchExecutor
@@ -630,21 +631,10 @@ def test_resize_other_forms():
 # -- executor contract -------------------------------------------------------------------------
 
 
-def _sparse_index(rng, batch, height, width, tile, frac):
-    gh, gw = -(-height // tile), -(-width // tile)
-    active = rng.random((batch, gh, gw)) < frac
-    active[0, 0, 0] = True
-    coords = np.argwhere(active).astype(np.int64)
-    grid = np.full((batch, gh, gw), -1, np.int64)
-    grid[tuple(coords.T)] = np.arange(len(coords))
-    return grid, coords
-
-
 def test_sigec_ops_dispatch():
     rng = _rng(41)
-    base = rng.standard_normal((2, 3, 10, 12)).astype(np.float32)
-    grid, coords = _sparse_index(rng, 2, 10, 12, 4, 0.5)
-    vals = rng.standard_normal((len(coords), 3, 4, 4)).astype(np.float32)
+    base, vals, grid, coords = sparse_input(rng, 2, 3, 10, 12, 4, frac=0.5).values()
+    assert len(coords) > 0
     scale, shift = rng.standard_normal(3).astype(np.float32), rng.standard_normal((2, 3)).astype(np.float32)
     gather_attrs = dict(
         window=[6, 6], step=[4, 4], offset=[-1, -1], pad_mode="reflect", activation="leaky_relu", alpha=0.1
