@@ -86,7 +86,8 @@ def _fill_shape_preserving(model: ir.Model) -> bool:
 
 
 def canonicalize(proto: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> ir.Model:
-    """Pin shapes, infer shapes, fold constants, fold Pad/BatchNorm into Conv, sort; check static shapes."""
+    """Pin shapes, infer shapes, fold constants, name unnamed nodes and values, fold Pad/BatchNorm into
+    Conv, sort; check static shapes."""
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
     if input_shapes:
         _pin_input_shapes(proto, input_shapes)
@@ -98,6 +99,8 @@ def canonicalize(proto: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
     model = ir.from_proto(proto)
     onnxscript.optimizer.fold_constants(model)
     passes = ir.passes.Sequential(
+        # every node and value named (uniquely): reports, errors and cache names refer to them
+        ir.passes.common.NameFixPass(),
         ir.passes.common.RemoveUnusedNodesPass(),
         FoldPadIntoConvPass(),
         FoldBatchNormPass(),
