@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 # Before Ray is imported: no usage report, and a local instance that talks on 127.0.0.1 only.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -41,13 +42,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def small_spade_engine(tmp_path_factory) -> Path:
+    """The small SPADE engine file, compiled once per test session (tests/test_serve_page.py too)."""
+    path = tmp_path_factory.getbasetemp() / "sigec_serve" / "spade_small.sigec"
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        module, inputs = zoo.build("spade", small=True)
+        sigec.compile(module, path, inputs=inputs, mode="approx", progress=False)
+    return path
+
+
 @pytest.fixture(scope="module")
 def spade(tmp_path_factory):
     """The small SPADE engine file and its example label map (one-hot [1, 35, 64, 128])."""
-    module, inputs = zoo.build("spade", small=True)
-    path = sigec.compile(module, tmp_path_factory.mktemp("serve") / "spade_small.sigec", inputs=inputs,
-                         mode="approx", progress=False)
-    return path, inputs["label"]
+    _, inputs = zoo.build("spade", small=True)
+    return small_spade_engine(tmp_path_factory), inputs["label"]
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +74,7 @@ def server(spade):
             client.wait_ready(timeout=120)
             yield client
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # ends Serve's actors too
 
 
 def edit(labels, box: tuple[int, int, int, int], new_class: int) -> np.ndarray:
@@ -159,7 +167,8 @@ def test_least_recently_used_sessions_expire_and_others_are_unaffected(server, s
     local.prime(original)
     expected = local.run(edited, mask=box_mask(box))
 
-    sessions = [server.open() for _ in range(8)]
+    with ThreadPoolExecutor(8) as pool:  # any placement will do here
+        sessions = list(pool.map(lambda _: server.open(), range(8)))
     by_replica: dict[str, list[str]] = {}
     for session in sessions:
         server.prime(session, original)

@@ -42,6 +42,16 @@ class Server:
     log: Path
 
 
+def small_spade_engine(tmp_path_factory) -> Path:
+    """The small SPADE engine file, compiled once per test session (tests/test_serve.py too)."""
+    path = tmp_path_factory.getbasetemp() / "sigec_serve" / "spade_small.sigec"
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        module, inputs = zoo.build("spade", small=True)
+        sigec.compile(module, path, inputs=inputs, mode="approx", progress=False)
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,8 +62,7 @@ def free_port() -> int:
 def server(tmp_path_factory):
     """`sigec serve` on a free port of 127.0.0.1, ready; stopped at the end (the last test stops it itself)."""
     folder = tmp_path_factory.mktemp("serve_page")
-    module, inputs = zoo.build("spade", small=True)
-    engine = sigec.compile(module, folder / "spade_small.sigec", inputs=inputs, mode="approx", progress=False)
+    engine = small_spade_engine(tmp_path_factory)
     port = free_port()
     log = folder / "serve.log"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}

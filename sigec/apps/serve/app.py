@@ -24,6 +24,7 @@ import json
 import re
 import time
 import uuid
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,12 +46,16 @@ ENGINE_DEPLOYMENT = "sigec_engine"
 INGRESS_DEPLOYMENT = "sigec_ingress"
 NOT_HERE = 421  # internal only: the replica does not hold the session; the ingress routes again
 ROUTING_RETRY_S = 5.0
-# Sessions (open or closed) a replica remembers; past it Serve's multiplexer forgets the least
-# recently used one, which then expires like an evicted session.
+PROBES_IN_A_ROW = 3
+ROUTING_SETTLE_S = 0.5
+# Open sessions a replica holds (past it Serve's multiplexer forgets the least recently used one,
+# which then expires like an evicted session), and closed ones it remembers as closed.
 SESSIONS_PER_REPLICA = 1024
 # Engine requests queued per replica before Serve's router calls the replica busy and looks
 # elsewhere, which would break session affinity: far above any expected queue.
 MAX_ONGOING_PER_REPLICA = 256
+# How often a stopping replica checks whether its requests are done (Serve's default: 2 s).
+SHUTDOWN_POLL_S = 0.25
 SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 PAGE = Path(__file__).with_name("static") / "index.html"
 
@@ -82,7 +87,6 @@ class Session:
     def __init__(self, session_id: str, release: Callable[["Session"], None]) -> None:
         self.id = session_id
         self.primed: set[str] = set()
-        self.closed = False
         self._release = release
 
     def __del__(self) -> None:
@@ -103,15 +107,17 @@ def engine_input_bytes(manifest: dict[str, Any]) -> int:
     return total + int(manifest.get("batch", 1)) * int(height) * int(width) * 8 + (1 << 16)
 
 
-@serve.deployment(name=ENGINE_DEPLOYMENT, max_ongoing_requests=MAX_ONGOING_PER_REPLICA)
+@serve.deployment(name=ENGINE_DEPLOYMENT, max_ongoing_requests=MAX_ONGOING_PER_REPLICA,
+                  graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)
 class EngineReplica:
-    """Holds one loaded engine and the sessions this replica primed."""
+    """Holds one loaded engine and the sessions this replica opened."""
 
     def __init__(self, engine_path: str, threads: int | None, max_cache_bytes: int | None) -> None:
         self._engine = sigec.load(engine_path, threads=threads, max_cache_bytes=max_cache_bytes)
         self._max_cache_bytes = max_cache_bytes
         self._max_body = engine_input_bytes(self._engine.manifest)
         self._sessions: dict[str, Session] = {}
+        self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed ids, to say "closed"
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sigec-engine")
         self._replica = serve.get_replica_context().replica_id.unique_id
 
@@ -130,6 +136,18 @@ class EngineReplica:
         if self._sessions.get(session.id) is session:
             del self._sessions[session.id]
 
+    def _unregister(self, session_id: str) -> None:
+        """Take a closed session's id off the ids this replica reports to Serve's router.
+
+        Serve places a new id on a replica with the fewest ids, so closed sessions must not count.
+        Serve has no public call for it (its multiplexer forgets ids only by LRU): best effort on
+        the multiplexer's state; if that ever changes, closed ids linger until the LRU drops them.
+        """
+        multiplexer = getattr(self, "__serve_multiplex_wrapper", None)
+        models = getattr(multiplexer, "models", None)
+        if isinstance(models, dict) and models.pop(session_id, None) is not None:
+            multiplexer._push_multiplexed_replica_info = True
+
     def info(self) -> dict[str, Any]:
         """The engine's inputs and outputs (name, shape, dtype, spatial) and its mask size."""
         manifest = self._engine.manifest
@@ -143,17 +161,19 @@ class EngineReplica:
         if op == "open":
             await self._session(session_id)
             return Reply.of_json(201, {"session": session_id, "replica": self._replica}, headers)
+        if session_id in self._closed:
+            return Reply.of_error(CacheError(f"session {session_id} was closed; open a new one"), headers)
         if session_id not in self._sessions:
             return Reply(NOT_HERE, b"", "text/plain", headers)
         if op == "probe":
             return Reply(200, b"", "text/plain", headers)
         session = await self._session(session_id)  # marks it recently used
-        if session.closed:
-            return Reply.of_error(CacheError(f"session {session_id} was closed; open a new one"), headers)
         if op == "close":
             self._release(session)
-            session.closed = True
-            self._sessions[session_id] = session  # the tombstone answers "closed" until forgotten
+            self._unregister(session_id)
+            self._closed[session_id] = None
+            while len(self._closed) > SESSIONS_PER_REPLICA:
+                self._closed.popitem(last=False)
             return Reply.of_json(200, {"closed": session_id}, headers)
         loop = asyncio.get_running_loop()
         call = self._prime if op == "prime" else self._run
@@ -231,7 +251,7 @@ api = FastAPI(title="sigec", description="Incremental image generation: sessions
 
 
 @serve.deployment(name=INGRESS_DEPLOYMENT, max_ongoing_requests=4 * MAX_ONGOING_PER_REPLICA,
-                  ray_actor_options={"num_cpus": 0})
+                  ray_actor_options={"num_cpus": 0}, graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)
 @serve.ingress(api)
 class Ingress:
     """HTTP routes; session requests go to the replica holding the session (module docstring)."""
@@ -305,15 +325,20 @@ class Ingress:
         """Open a session on the least loaded replica; answers {"session": id, "replica": ...} once routable."""
         session_id = uuid.uuid4().hex
         reply = await self._call(session_id, "open")
-        # Wait (bounded) until Serve's router sends the id to its replica, so that the first prime
-        # does not need the retry of _call.
-        deadline = time.monotonic() + ROUTING_RETRY_S
+        # Wait (bounded) until Serve's router knows the replica of the id: then the first prime needs
+        # no retry, and the next open sees this replica's new session count (Serve opens a new id on
+        # a replica with the fewest). The replica reports its ids every 0.1 s and the controller
+        # passes them on; a probe reaching the holder proves little (before the router knows, it
+        # may land there by chance), hence probes in a row and a minimum wait.
+        opened = time.monotonic()
         handle = self._engines.options(multiplexed_model_id=session_id)
-        while time.monotonic() < deadline:
+        in_a_row = 0
+        while time.monotonic() < opened + ROUTING_RETRY_S:
             probe: Reply = await handle.session.remote("probe", "default")
-            if probe.status == 200:
+            in_a_row = in_a_row + 1 if probe.status == 200 else 0
+            if in_a_row >= PROBES_IN_A_ROW and time.monotonic() >= opened + ROUTING_SETTLE_S:
                 break
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.05)
         return reply.response()
 
     @api.post("/sessions/{session_id}/prime")
