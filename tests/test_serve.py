@@ -127,6 +127,9 @@ def test_bad_requests_raise_what_a_local_engine_raises(server, spade):
         server.prime(session, {"image": labels.numpy()})
     response = httpx.post(f"{server.url}/sessions/{session}/prime", content=b"not an npz", timeout=60)
     assert response.status_code == 400 and response.json()["error"] == "InputError"
+    too_big = bytes(server.info()["max_request_bytes"] + 1)  # refused by the ingress while it reads
+    response = httpx.post(f"{server.url}/sessions/{session}/prime", content=too_big, timeout=60)
+    assert response.status_code == 400 and "exceeds" in response.json()["message"]
     with pytest.raises(CacheError, match="unknown session"):
         server.run("no-such-session", {"label": labels.numpy()})
     server.close(session)

@@ -152,7 +152,7 @@ class EngineReplica:
         """The engine's inputs and outputs (name, shape, dtype, spatial) and its mask size."""
         manifest = self._engine.manifest
         return {"inputs": manifest["inputs"], "outputs": manifest["outputs"], "mode": manifest["mode"],
-                "mask_size": manifest["mask_program"]["input_size"]}
+                "mask_size": manifest["mask_program"]["input_size"], "max_request_bytes": self._max_body}
 
     async def session(self, op: str, key: str, body: bytes = b"", update_cache: bool = False) -> Reply:
         """Serve one session request (``op``: open, probe, prime, run, close) for the request's session id."""
@@ -250,6 +250,12 @@ def _label_ids(classes: int, height: int, width: int, seed: int) -> np.ndarray:
 api = FastAPI(title="sigec", description="Incremental image generation: sessions, prime, run (docs/serving.md)")
 
 
+@api.exception_handler(SigecError)
+async def _sigec_error(request: Request, exc: SigecError) -> Response:
+    """A SigecError raised by a route becomes the protocol's JSON error."""
+    return Reply.of_error(exc).response()
+
+
 @serve.deployment(name=INGRESS_DEPLOYMENT, max_ongoing_requests=4 * MAX_ONGOING_PER_REPLICA,
                   ray_actor_options={"num_cpus": 0}, graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)
 @serve.ingress(api)
@@ -265,6 +271,17 @@ class Ingress:
         if self._info is None:
             self._info = await self._engines.info.remote()
         return self._info
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body; ``InputError`` as soon as it exceeds what the engine's inputs can hold."""
+        limit = int((await self._engine_info())["max_request_bytes"])
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise InputError(f"the request body exceeds {limit} bytes, more than this engine's inputs can hold")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _call(self, session_id: str, op: str, key: str = "default", body: bytes = b"",
                     update_cache: bool = False) -> Reply:
@@ -344,13 +361,13 @@ class Ingress:
     @api.post("/sessions/{session_id}/prime")
     async def prime(self, session_id: str, request: Request, key: str = "default") -> Response:
         """Prime the session's cache ``key`` with the inputs (.npz); answers the outputs (.npz)."""
-        return (await self._call(session_id, "prime", key, await request.body())).response()
+        return (await self._call(session_id, "prime", key, await self._body(request))).response()
 
     @api.post("/sessions/{session_id}/run")
     async def run(self, session_id: str, request: Request, key: str = "default",
                   update_cache: bool = False) -> Response:
         """Run edited inputs (.npz, optional mask) incrementally against the session's cache ``key``."""
-        return (await self._call(session_id, "run", key, await request.body(), update_cache)).response()
+        return (await self._call(session_id, "run", key, await self._body(request), update_cache)).response()
 
     @api.delete("/sessions/{session_id}")
     async def close(self, session_id: str) -> Response:
@@ -360,7 +377,7 @@ class Ingress:
     @api.post("/dense")
     async def dense(self, request: Request) -> Response:
         """Run the dense model on the inputs (.npz): the baseline a sparse run is compared with."""
-        reply: Reply = await self._engines.dense.remote(await request.body())
+        reply: Reply = await self._engines.dense.remote(await self._body(request))
         return reply.response()
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import zipfile
 from collections.abc import Mapping
+from typing import IO
 
 import numpy as np
 
@@ -65,24 +67,45 @@ def encode_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
 def decode_arrays(body: bytes, *, max_bytes: int | None = None) -> dict[str, np.ndarray]:
     """The arrays of an ``.npz`` body by name; anything malformed raises ``InputError``.
 
-    ``max_bytes`` bounds the arrays' total uncompressed size (read from the zip directory before
-    anything is inflated, so a small compressed body cannot expand into a huge one).
+    ``max_bytes`` bounds the arrays' total size, checked from each ``.npy`` header before its data
+    is read (so a small body cannot declare a huge array). Object arrays (pickles) are refused.
     """
     try:
+        arrays = {}
+        total = 0
         with zipfile.ZipFile(io.BytesIO(body)) as archive:
-            infos = archive.infolist()
-            total = sum(info.file_size for info in infos)
-            if max_bytes is not None and total > max_bytes:
-                raise InputError(f"request arrays hold {total} bytes uncompressed, more than this engine's inputs "
-                                 f"can ({max_bytes} bytes)")
-            arrays = {}
-            for info in infos:
+            for info in archive.infolist():
                 if not info.filename.endswith(".npy"):
                     raise InputError(f"npz member {info.filename!r} is not a .npy file")
                 with archive.open(info) as member:
-                    arrays[info.filename[:-4]] = np.lib.format.read_array(member, allow_pickle=False)
-            return arrays
+                    shape, fortran_order, dtype = _read_npy_header(member)
+                    nbytes = math.prod(shape) * dtype.itemsize
+                    total += nbytes
+                    if max_bytes is not None and total > max_bytes:
+                        raise InputError(f"the request's arrays hold more than {max_bytes} bytes, more than this "
+                                         f"engine's inputs can")
+                    data = bytearray(member.read(nbytes))  # writable arrays, as a local engine returns
+                if len(data) != nbytes:
+                    raise InputError(f"npz member {info.filename!r} holds {len(data)} bytes of data, its header "
+                                     f"declares {nbytes}")
+                array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
+                arrays[info.filename[:-4]] = array
+        return arrays
     except InputError:
         raise
-    except Exception as exc:  # zipfile, numpy's format reader: many exception types for one cause
+    except Exception as exc:  # zipfile, numpy's header reader: many exception types for one cause
         raise InputError(f"the request body is not a valid .npz archive of arrays: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_npy_header(member: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of a ``.npy`` stream, positioned at its data afterwards."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(member)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(member)
+    else:
+        raise InputError(f".npy format version {version} is not supported")
+    if dtype.hasobject:
+        raise InputError("object arrays (pickles) are refused")
+    return tuple(int(d) for d in shape), bool(fortran_order), dtype
