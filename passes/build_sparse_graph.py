@@ -192,7 +192,8 @@ DECISIONS: tuple[Step, ...] = (
     Step("dense resolution", lambda w, n: w.rule(n) is not None and w.ctx.grids.dense_resolution_of(n) is not None,
          _on_dense_resolution),
     Step("sparse rule", lambda w, n: w.rule(n) is not None, _apply_rule),
-    Step("global op", lambda w, n: w.rule(n) is None and n.op_type in DENSE_ISLAND_OPS and n.domain in ONNX_DOMAINS,
+    # also a Split or Slice whose rule declined (e.g. one along a spatial axis)
+    Step("global op", lambda w, n: n.op_type in DENSE_ISLAND_OPS and n.domain in ONNX_DOMAINS,
          _dense("global op: dense island")),
     Step("unsupported", lambda w, n: True, _fallback),
 )
@@ -228,9 +229,10 @@ class BuildSparseGraphPass(ir.passes.FunctionalPass):
        outputs lie on no resolution the edit reaches): dense;
     9. dense resolution (approx mode, ``dense_resolutions``): dense on full maps;
     10. sparse rule (passes/sparse_rules.py): computed on the active tiles; a rule that declines
-        (``Unsupported``) leaves the node to step 12 with its reason;
-    11. global op (attention, reductions, reshapes, global pooling): a dense island; in approx mode
-        downstream tiles read its output only on active tiles (recorded as an approximation);
+        (``Unsupported``) leaves the node to steps 11 and 12 with its reason;
+    11. global op (attention, reductions, reshapes, global pooling, a Split or Slice whose rule
+        declined): a dense island; in approx mode downstream tiles read its output only on active
+        tiles (recorded as an approximation);
     12. unsupported: dense with ``fallback="dense"``, else listed in one CompileError.
 
     Finally model outputs that are sparse are scattered into their cached original (the one

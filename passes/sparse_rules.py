@@ -9,7 +9,7 @@ reports it). See docs/architecture.md for the geometry of each rule.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -500,6 +500,85 @@ def rule_concat(ctx: RewriteContext, node: ir.Node) -> None:
     ctx.record.report(node, "sparse", resolution=res.name, tile=res.tile)
 
 
+def _channel_ranges(ctx: RewriteContext, node: ir.Node, ranges: list[tuple[int, int, int]]) -> None:
+    """Outputs that are channel ranges ``start:stop:step`` of the input: that range of the input's tiles.
+
+    Each output is a value of the original model, so it is Sparse with its own cache (the FULL graph
+    outputs it like any activation) and the input's mask: exact in exact mode.
+    """
+    res = _out_res(ctx, node)
+    xs = ctx.to_sparse(node.inputs[0], res, node)
+    b = ctx.graph
+    for out, (start, stop, step) in zip(node.outputs, ranges):
+        if b.graph.opset_imports.get("", 18) < 10:  # Slice-1: attributes, no steps (ranges have step 1 there)
+            vals = b.op("Slice", [xs.vals], hint=f"vals::{out.name}", starts=[start], ends=[stop], axes=[1])
+        else:
+            vals = b.op("Slice", [xs.vals, b.const(np.array([start], np.int64), "c:ch_start"),
+                                  b.const(np.array([stop], np.int64), "c:ch_stop"),
+                                  b.const(np.array([1], np.int64), "c:axis1"),
+                                  b.const(np.array([step], np.int64), "c:ch_step")], hint=f"vals::{out.name}")
+        ctx.set_sparse(out, vals, res, xs.mask)
+    ctx.record.report(node, "sparse", resolution=res.name, tile=res.tile, note="channel ranges of the tiles")
+
+
+def _feature_map_shapes(node: ir.Node) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+    """Static 4-D shapes of the input and every output (Unsupported otherwise)."""
+    shapes = [static_shape(v) for v in [node.inputs[0], *node.outputs]]
+    if any(s is None or len(s) != 4 for s in shapes):
+        raise Unsupported("input or output is not a 4-D tensor of static shape")
+    return shapes[0], shapes[1:]  # type: ignore[return-value]
+
+
+def rule_split(ctx: RewriteContext, node: ir.Node) -> None:
+    """Split along channels (``split`` input or attribute, or ``num_outputs``): each output is a
+    channel range of the input tiles. The ranges follow the outputs' inferred shapes, which every
+    spelling determines."""
+    x, outs = _feature_map_shapes(node)
+    if int(attr(node, "axis", 0)) not in (1, -3):
+        raise Unsupported(f"Split on axis {attr(node, 'axis', 0)}")
+    sizes = [s[1] for s in outs]
+    if sum(sizes) != x[1] or min(sizes) < 1:
+        raise Unsupported(f"output channels {sizes} do not partition the input's {x[1]}")
+    starts = np.cumsum([0, *sizes[:-1]])
+    _channel_ranges(ctx, node, [(int(a), int(a) + n, 1) for a, n in zip(starts, sizes)])
+
+
+def _slice_params(node: ir.Node) -> list[tuple[int, int, int, int]]:
+    """``(axis, start, end, step)`` per sliced axis of a Slice with constant parameters (inputs from
+    opset 10, attributes before)."""
+    if len(node.inputs) > 1:
+        given = list(node.inputs[1:5]) + [None] * (5 - len(node.inputs))
+        params: list[Any] = [const_array(v) for v in given]
+        if any(v is not None and p is None for v, p in zip(given, params)) or given[0] is None or given[1] is None:
+            raise Unsupported("Slice with non-constant starts, ends, axes or steps")
+    else:
+        params = [attr(node, "starts"), attr(node, "ends"), attr(node, "axes"), None]
+    starts, ends = [int(v) for v in np.ravel(params[0])], [int(v) for v in np.ravel(params[1])]
+    axes = [int(v) for v in np.ravel(params[2])] if params[2] is not None else list(range(len(starts)))
+    steps = [int(v) for v in np.ravel(params[3])] if params[3] is not None else [1] * len(starts)
+    return list(zip(axes, starts, ends, steps))
+
+
+def rule_slice(ctx: RewriteContext, node: ir.Node) -> None:
+    """Slice with constant parameters that selects channels only (other axes whole, positive steps):
+    a channel range of the input tiles. Indices are normalised as ONNX does (negative ones count from
+    the end, then clamped)."""
+    x, (out,) = _feature_map_shapes(node)
+    channels = (0, x[1], 1)
+    for axis, start, end, step in _slice_params(node):
+        if step < 1:
+            raise Unsupported(f"Slice with step {step}")
+        bounds = slice(start, end, step).indices(x[axis % 4])  # Python's normalisation is ONNX's for step > 0
+        if axis % 4 == 1:
+            channels = bounds
+        elif bounds != (0, x[axis % 4], 1):
+            raise Unsupported(f"Slice of axis {axis} (only channel ranges run on tiles)")
+    kept = len(range(*channels))
+    if kept != out[1] or kept < 1:
+        raise Unsupported(f"Slice keeps {kept} channels, its output has {out[1]}")
+    _channel_ranges(ctx, node, [channels])
+
+
 def rule_batchnorm(ctx: RewriteContext, node: ir.Node) -> None:
     """Inference BatchNormalization (not folded into a Conv): a per-channel affine on tiles."""
     params = [const_array(v) for v in node.inputs[1:5]]
@@ -554,6 +633,8 @@ RULES: dict[str, Rule] = {
     "SpaceToDepth": rule_space_to_depth,
     "Pad": rule_pad,
     "Concat": rule_concat,
+    "Split": rule_split,
+    "Slice": rule_slice,
     "BatchNormalization": rule_batchnorm,
     "Cast": rule_cast,
     **{op: rule_unary for op in UNARY_ELEMENTWISE},

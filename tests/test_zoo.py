@@ -16,7 +16,7 @@ from sigec.frontends.torch_frontend import export_module
 # Relative L2 error allowed between ONNX Runtime and PyTorch on the same float32 model.
 REL_L2_TOLERANCE = 1e-4
 
-SMALL_MODELS = ["tiny_local", "ddpm_unet", "sd_vae_decoder", "spade", "resnet9"]
+SMALL_MODELS = ["tiny_local", "ddpm_unet", "sd_vae_decoder", "spade", "spade_fused", "resnet9"]
 # Exports are slow (seconds each), so each model is exported once in the test suite: the
 # purely local models tiny_local and resnet9 are exported end to end (CLI factory -> export ->
 # ONNX Runtime) in test_torch_frontend.py, the others here.
@@ -36,7 +36,7 @@ def small_model(name: str) -> tuple[nn.Module, dict[str, torch.Tensor], torch.Te
     return module, inputs, expected
 
 
-def test_registry_lists_the_five_models():
+def test_registry_lists_the_small_models():
     assert sorted(zoo.MODELS) == sorted(SMALL_MODELS)
 
 

@@ -16,7 +16,7 @@ from sigec.apps.zoo.ddpm import ddpm_unet
 from sigec.apps.zoo.label_maps import edit_label_map, label_boundaries, random_label_map
 from sigec.apps.zoo.pix2pix import resnet9
 from sigec.apps.zoo.sd_vae import sd_vae_decoder
-from sigec.apps.zoo.gaugan import spade
+from sigec.apps.zoo.gaugan import spade, spade_fused
 from sigec.apps.zoo.local_conv import tiny_local
 
 ModelFactory = Callable[..., tuple[nn.Module, dict[str, torch.Tensor]]]
@@ -26,6 +26,7 @@ MODELS: dict[str, ModelFactory] = {
     "ddpm_unet": ddpm_unet,
     "sd_vae_decoder": sd_vae_decoder,
     "spade": spade,
+    "spade_fused": spade_fused,
     "resnet9": resnet9,
 }
 
@@ -53,5 +54,6 @@ __all__ = [
     "resnet9",
     "sd_vae_decoder",
     "spade",
+    "spade_fused",
     "tiny_local",
 ]

@@ -53,6 +53,16 @@ def spade_small() -> Built:
     return build("spade", small=True)
 
 
+def spade_fused() -> Built:
+    """SPADE generator with fused SPADE blocks (channel splits), Cityscapes 256x512, 35 classes."""
+    return build("spade_fused")
+
+
+def spade_fused_small() -> Built:
+    """Fused SPADE generator, test size (64x128)."""
+    return build("spade_fused", small=True)
+
+
 def resnet9() -> Built:
     """pix2pix / CycleGAN ResNet-9 generator, 256 px, InstanceNorm."""
     return build("resnet9")

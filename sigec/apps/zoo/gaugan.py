@@ -5,9 +5,16 @@ Cityscapes setting: 35 label classes, 256x512 output, ngf 64, 5 nearest x2 upsam
 8x16 through a 3x3 conv). Differences from the published code, on purpose: no spectral norm (it
 only reparametrises the weights during training; random-weight inference does not need it) and
 plain BatchNorm2d(affine=False) in eval mode instead of synchronized BatchNorm.
+
+``spade_fused``: the same generator with fused SPADE blocks, the layout SIGE benchmarks GauGAN
+with: each residual block computes the hidden maps of all its SPADEs with one convolution (then
+splits them along channels), and each SPADE computes gamma and beta with one convolution of
+2*C channels (then splits it). Full size: 25 channel splits.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +23,8 @@ from torch import nn
 from sigec.apps.zoo.label_maps import edit_label_map, label_boundaries, random_label_map
 from sigec.apps.zoo.weights import calibrate_batchnorm, seeded
 
-__all__ = ["SPADE", "SPADEGenerator", "SPADEResnetBlock", "edit_label_map", "label_boundaries",
-           "random_label_map", "spade"]
+__all__ = ["FusedSPADE", "FusedSPADEResnetBlock", "SPADE", "SPADEGenerator", "SPADEResnetBlock", "edit_label_map",
+           "label_boundaries", "random_label_map", "spade", "spade_fused"]
 
 NUM_UPSAMPLINGS = 5
 
@@ -65,11 +72,54 @@ class SPADEResnetBlock(nn.Module):
         return shortcut + dx
 
 
+class FusedSPADE(nn.Module):
+    """SPADE whose gamma and beta come from one 3x3 convolution of 2*C channels, split in two; the
+    hidden map is given by the block."""
+
+    def __init__(self, channels: int, nhidden: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.gamma_beta = nn.Conv2d(nhidden, 2 * channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.gamma_beta(hidden).chunk(2, dim=1)
+        return self.norm(x) * (1 + gamma) + beta
+
+
+class FusedSPADEResnetBlock(nn.Module):
+    """:class:`SPADEResnetBlock` with fused SPADEs: one convolution computes the hidden maps of the
+    block's two or three SPADEs, split along channels."""
+
+    def __init__(self, fin: int, fout: int, label_nc: int, nhidden: int) -> None:
+        super().__init__()
+        fmiddle = min(fin, fout)
+        self.learned_shortcut = fin != fout
+        self.spades = 3 if self.learned_shortcut else 2
+        self.shared = nn.Sequential(nn.Conv2d(label_nc, self.spades * nhidden, 3, padding=1), nn.ReLU())
+        self.norm_0 = FusedSPADE(fin, nhidden)
+        self.conv_0 = nn.Conv2d(fin, fmiddle, 3, padding=1)
+        self.norm_1 = FusedSPADE(fmiddle, nhidden)
+        self.conv_1 = nn.Conv2d(fmiddle, fout, 3, padding=1)
+        if self.learned_shortcut:
+            self.norm_s = FusedSPADE(fin, nhidden)
+            self.conv_s = nn.Conv2d(fin, fout, 1, bias=False)
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        if label.shape[-2:] != x.shape[-2:]:
+            label = F.interpolate(label, size=x.shape[-2:], mode="nearest")
+        hidden = self.shared(label).chunk(self.spades, dim=1)
+        shortcut = self.conv_s(self.norm_s(x, hidden[2])) if self.learned_shortcut else x
+        dx = self.conv_0(F.leaky_relu(self.norm_0(x, hidden[0]), 0.2))
+        dx = self.conv_1(F.leaky_relu(self.norm_1(dx, hidden[1]), 0.2))
+        return shortcut + dx
+
+
 class SPADEGenerator(nn.Module):
-    """GauGAN generator: label map [B, label_nc, H, W] -> image [B, 3, H, W] in [-1, 1]."""
+    """GauGAN generator: label map [B, label_nc, H, W] -> image [B, 3, H, W] in [-1, 1]
+    (``fused``: with :class:`FusedSPADEResnetBlock` blocks)."""
 
     def __init__(self, label_nc: int, ngf: int = 64, nhidden: int = 128,
-                 height: int = 256, width: int = 512) -> None:
+                 height: int = 256, width: int = 512, fused: bool = False) -> None:
         super().__init__()
         factor = 2**NUM_UPSAMPLINGS
         if height % factor or width % factor:
@@ -77,7 +127,8 @@ class SPADEGenerator(nn.Module):
         self.start_size = (height // factor, width // factor)
         nf = ngf
         self.fc = nn.Conv2d(label_nc, 16 * nf, 3, padding=1)
-        block = lambda fin, fout: SPADEResnetBlock(fin, fout, label_nc, nhidden)  # noqa: E731
+        block_type = FusedSPADEResnetBlock if fused else SPADEResnetBlock
+        block = lambda fin, fout: block_type(fin, fout, label_nc, nhidden)  # noqa: E731
         self.head_0 = block(16 * nf, 16 * nf)
         self.G_middle_0 = block(16 * nf, 16 * nf)
         self.G_middle_1 = block(16 * nf, 16 * nf)
@@ -112,13 +163,14 @@ def spade(
     height: int | None = None,
     width: int | None = None,
     seed: int = 0,
+    fused: bool = False,
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """Build the SPADE generator: full = 256x512, ngf 64, 128 hidden; small = 64x128, ngf 4, 16 hidden.
 
     Returns ``(module.eval(), {"label": [batch, classes (+1), H, W]})`` where ``label`` is a random
     one-hot map (``random_label_map``). With ``instance_edges`` the input gets one more channel, the
-    label-boundary map, as in the published Cityscapes model (36 input channels).
-    BatchNorm running statistics are calibrated on the example input.
+    label-boundary map, as in the published Cityscapes model (36 input channels). ``fused`` builds
+    fused SPADE blocks (:class:`FusedSPADEResnetBlock`). BatchNorm running statistics are calibrated on the example input.
     """
     height = height or (64 if small else 256)
     width = width or (128 if small else 512)
@@ -128,7 +180,12 @@ def spade(
     if instance_edges:
         label = torch.cat([label, label_boundaries(label)], dim=1)
     with seeded(seed):
-        model = SPADEGenerator(label.shape[1], ngf=ngf, nhidden=nhidden, height=height, width=width)
+        model = SPADEGenerator(label.shape[1], ngf=ngf, nhidden=nhidden, height=height, width=width, fused=fused)
     inputs = {"label": label}
     calibrate_batchnorm(model, inputs)
     return model.eval(), inputs
+
+
+def spade_fused(small: bool = False, batch: int = 1, **kw: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The SPADE generator with fused SPADE blocks (sizes and options as :func:`spade`)."""
+    return spade(small, batch, fused=True, **kw)
