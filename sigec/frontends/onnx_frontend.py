@@ -1,18 +1,25 @@
-"""ONNX frontend: load a model file, pin its shapes and bring it into sigec's canonical form."""
+"""ONNX frontend: load a model file, pin its shapes and bring it into sigec's canonical form
+(:func:`canonicalize`): models of older opsets, with shapes onnx cannot infer or with 5-D
+convolutions over a singleton axis included."""
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Mapping, Sequence
 
+import numpy as np
 import onnx
+import onnx.version_converter
 import onnx_ir as ir
 import onnxscript.optimizer
 
 from sigec.core.errors import CompileError
+from sigec.core.options import DEFAULT_OPSET
 from sigec.passes._ir_utils import static_shape
 from sigec.passes.fold_batchnorm import FoldBatchNormPass
 from sigec.passes.fold_pad_into_conv import FoldPadIntoConvPass
+from sigec.passes.squeeze_singleton_axes import SqueezeSingletonAxesPass
 
 
 def load_onnx(source: str | os.PathLike | onnx.ModelProto,
@@ -85,36 +92,198 @@ def _fill_shape_preserving(model: ir.Model) -> bool:
     return changed
 
 
+def _default_opset(proto: onnx.ModelProto) -> int | None:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _nodes_named_in(proto: onnx.ModelProto, message: str) -> list[onnx.NodeProto]:
+    """Nodes of the main graph whose op type the message names (the version converter names ops only)."""
+    named = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", message))
+    return [n for n in proto.graph.node if n.domain in ("", "ai.onnx") and n.op_type in named]
+
+
+def _convert_opset(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A model of an older default opset converted to DEFAULT_OPSET (the sparse rewrite emits nodes of
+    that opset, and constant folding writes Constant attributes that older opsets do not have)."""
+    version = _default_opset(proto)
+    if version is None or version >= DEFAULT_OPSET:
+        return proto
+    for node in proto.graph.node:
+        if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type):
+            raise CompileError(f"node '{node.name}' ({node.op_type}) is not an ONNX operator (opset {version})")
+    try:
+        return onnx.version_converter.convert_version(proto, DEFAULT_OPSET)
+    except Exception as exc:  # the converter raises RuntimeError / IndexError with C++ assertion text
+        message = " ".join(str(exc).split())
+        culprits = _nodes_named_in(proto, message)
+        where = ("at " + ", ".join(f"node '{n.name}' ({n.op_type})" for n in culprits[:5])
+                 + (f" and {len(culprits) - 5} more" if len(culprits) > 5 else "") + ": ") if culprits else ""
+        raise CompileError(f"cannot convert the model from opset {version} to opset {DEFAULT_OPSET} (onnx version "
+                           f"converter) {where}{message}") from exc
+
+
+def _to_ir(proto: onnx.ModelProto) -> ir.Model:
+    try:
+        return ir.from_proto(proto)
+    except Exception as exc:
+        raise CompileError(f"cannot read the ONNX model's graph: {exc}") from exc
+
+
+def _value_shapes(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    return {v.name: v.type for v in (*proto.graph.value_info, *proto.graph.output)}
+
+
+def _infer_shapes(model: ir.Model) -> None:
+    """Merge the shapes onnx shape inference finds (non-strict: it skips nodes it cannot infer) into
+    values whose shape is not static. A failure of the whole inference leaves the model as it was
+    (ONNX Runtime fills in what is missing, see :func:`_shapes_from_onnxruntime`)."""
+    proto = ir.to_proto(model)
+    # Weights do not decide shapes: pass them as typed inputs to keep the serialized model small.
+    big = [t for t in proto.graph.initializer if len(t.raw_data) > 1024]
+    for tensor in big:
+        proto.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    keep = [t for t in proto.graph.initializer if len(t.raw_data) <= 1024]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception:  # e.g. a conflict between a stored and an inferred shape; ONNX Runtime decides
+        return
+    types = _value_shapes(inferred)
+    for node in model.graph:
+        for out in node.outputs:
+            t = types.get(out.name)
+            if static_shape(out) is not None or t is None or not t.tensor_type.HasField("shape"):
+                continue
+            dims = t.tensor_type.shape.dim
+            out.shape = ir.Shape([d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims])
+            if out.dtype is None and t.tensor_type.elem_type:
+                out.dtype = ir.DataType(t.tensor_type.elem_type)
+
+
+def _missing_shapes(model: ir.Model) -> list[ir.Value]:
+    """Node outputs that something reads (or the graph returns) and whose shape is not static."""
+    return [out for node in model.graph for out in node.outputs
+            if static_shape(out) is None and (out.uses() or out.is_graph_output())]
+
+
+def _example_inputs(model: ir.Model, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    """Zeros of every input's (pinned) shape, or random values when ``rng`` is given."""
+    feeds = {}
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers:
+            continue
+        dtype, shape = value.dtype.numpy(), static_shape(value)
+        if rng is None:
+            feeds[value.name] = np.zeros(shape, dtype)
+        elif np.issubdtype(dtype, np.floating):
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[value.name] = np.ones(shape, dtype)
+    return feeds
+
+
+def _shapes_from_onnxruntime(model: ir.Model, values: Sequence[ir.Value]) -> None:
+    """Fill the shapes (and types) of ``values`` from one ONNX Runtime run of the model on zeros of the
+    pinned input shapes, with those values added as outputs.
+
+    A second run on random inputs must give the same shapes: a shape that depends on the input
+    values (NonZero, data-dependent Reshape) cannot be compiled into a static engine.
+    """
+    import onnxruntime as ort  # only for models whose shapes onnx cannot infer
+
+    proto = ir.to_proto(model)
+    returned = {o.name for o in proto.graph.output}
+    names = [v.name for v in values]
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in returned)
+    options = ort.SessionOptions()
+    # Unoptimised, so every requested intermediate exists as computed; quiet, as errors are raised.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    nodes = ", ".join(f"'{v.producer().name}' ({v.producer().op_type})" for v in values[:5]) + (
+        f" and {len(values) - 5} more" if len(values) > 5 else "")
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        zeros = session.run(names, _example_inputs(model, None))
+        other = session.run(names, _example_inputs(model, np.random.default_rng(0)))
+    except Exception as exc:
+        raise CompileError(f"onnx shape inference left the output shapes of {nodes} open, and ONNX Runtime could "
+                           f"not run the model on zeros of the input shapes to find them: "
+                           f"{' '.join(str(exc).split())}") from exc
+    for value, a, b in zip(values, zeros, other):
+        if a.shape != b.shape:
+            node = value.producer()
+            raise CompileError(f"the output '{value.name}' of node '{node.name}' ({node.op_type}) has a shape that "
+                               f"depends on the input values ({list(a.shape)} for zeros, {list(b.shape)} for random "
+                               f"inputs); sigec compiles static shapes only")
+        value.shape = ir.Shape(list(a.shape))
+        if value.dtype is None:
+            value.dtype = ir.DataType.from_numpy(a.dtype)
+
+
+def _complete_shapes(model: ir.Model) -> None:
+    """Static shapes for every value that is read: onnx shape inference, the shape-preserving
+    fix-up for function ops, then ONNX Runtime for whatever is still open."""
+    _infer_shapes(model)
+    while _fill_shape_preserving(model):
+        _infer_shapes(model)
+    missing = _missing_shapes(model)
+    if missing:
+        _shapes_from_onnxruntime(model, missing)
+
+
+def _fold_constants(model: ir.Model) -> None:
+    try:
+        onnxscript.optimizer.fold_constants(model)
+    except Exception as exc:  # onnxscript names the node, the cause is chained
+        cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+        raise CompileError(f"constant folding failed: {exc}{cause}") from exc
+
+
+def _apply(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> ir.Model:
+    """Run passes in order; a failure names the pass and its cause (passes that reject a node raise
+    CompileError themselves, naming it)."""
+    for p in passes:
+        try:
+            model = p(model).model
+        except CompileError:
+            raise
+        except Exception as exc:
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            raise CompileError(f"canonicalisation pass {type(p).__name__} failed: {cause}") from exc
+    return model
+
+
 def canonicalize(proto: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> ir.Model:
-    """Pin shapes, infer shapes, fold constants, name unnamed nodes and values, fold Pad/BatchNorm into
-    Conv, sort; check static shapes."""
+    """Bring a model into sigec's canonical form; every failure is a CompileError.
+
+    Steps: pin input shapes; convert an older default opset to DEFAULT_OPSET; infer shapes with onnx;
+    fold constants; name unnamed nodes and values; complete the shapes (ONNX Runtime on zeros where
+    onnx gives up); run 5-D operations over a singleton depth axis as 2-D ones; fold Pad and
+    BatchNorm into Conv; remove unused nodes; sort; check that every value read has a static shape.
+    """
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
     if input_shapes:
         _pin_input_shapes(proto, input_shapes)
     _check_static_inputs(proto)
-    try:
-        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception as exc:
-        raise CompileError(f"ONNX shape inference failed: {exc}") from exc
-    model = ir.from_proto(proto)
-    onnxscript.optimizer.fold_constants(model)
-    passes = ir.passes.Sequential(
-        # every node and value named (uniquely): reports, errors and cache names refer to them
-        ir.passes.common.NameFixPass(),
-        ir.passes.common.RemoveUnusedNodesPass(),
+    proto = _convert_opset(proto)
+    model = _to_ir(proto)
+    _infer_shapes(model)
+    _fold_constants(model)
+    # every node and value named (uniquely): reports, errors and cache names refer to them
+    model = _apply(model, [ir.passes.common.NameFixPass(), ir.passes.common.RemoveUnusedNodesPass()])
+    _complete_shapes(model)
+    model = _apply(model, [
+        SqueezeSingletonAxesPass(),
+        ir.passes.common.RemoveUnusedNodesPass(),  # its leftovers would block the folds below
         FoldPadIntoConvPass(),
         FoldBatchNormPass(),
         ir.passes.common.RemoveUnusedNodesPass(),
         ir.passes.common.TopologicalSortPass(),
-        ir.passes.common.ShapeInferencePass(),
-    )
-    model = passes(model).model
-    if _fill_shape_preserving(model):
-        model = ir.passes.common.ShapeInferencePass()(model).model
-    for node in model.graph:
-        for out in node.outputs:
-            if static_shape(out) is None and out.type is not None and out.uses():
-                raise CompileError(f"the output '{out.name}' of node '{node.name}' ({node.op_type}) has no static "
-                                   f"shape after shape inference ({out.shape}); pin the model inputs with "
-                                   f"--input-shape")
+    ])
+    _complete_shapes(model)
+    for value in _missing_shapes(model):
+        node = value.producer()
+        raise CompileError(f"the output '{value.name}' of node '{node.name}' ({node.op_type}) has no static shape "
+                           f"({value.shape}) after shape inference and an ONNX Runtime run")
     return model
