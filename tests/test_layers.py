@@ -7,7 +7,7 @@ Layers, bottom to top (docs/architecture.md, "Layers"):
     passes (sigec.passes)        compile side                               -> core, gpu
     runtime (sigec.runtime)      run side                                   -> core, gpu
     api (sigec, compiler, loader, autotune, inspection, frontends, progress) -> everything below
-    apps (sigec.apps)            zoo, SDEdit, demo, bench                  -> everything below
+    apps (sigec.apps)            zoo, SDEdit, demo, bench, serve           -> everything below
     cli (sigec.cli)              the command line                           -> everything
 
 Every import counts, also those inside functions: a late import must not hide a cycle.
