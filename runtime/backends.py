@@ -18,6 +18,7 @@ from sigec.core.names import CACHE_PREFIX
 from sigec.core.ops import DOMAIN
 from sigec.core.options import BACKENDS
 from sigec.runtime.device_mirror import DeviceMirror
+from sigec.runtime.ort_binding import CacheBindings
 
 
 
@@ -105,10 +106,16 @@ class OrtRunner:
         except Exception as exc:
             raise BackendError(f"ONNX Runtime could not create a session for graph '{model.graph.name}': {exc}") from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self._input_set = frozenset(self.input_names)  # a set: feeds hold hundreds of names
 
     def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         """Execute the graph with ONNX Runtime."""
-        return self.session.run(list(output_names), {k: v for k, v in feeds.items() if k in self.input_names})
+        return self.session.run(list(output_names), {k: v for k, v in feeds.items() if k in self._input_set})
+
+    def bind_caches(self, caches: Mapping[str, np.ndarray]) -> CacheBindings:
+        """Bindings of this session with ``caches`` bound once (runtime/ort_binding.py); their ``run``
+        takes only the per-run inputs."""
+        return CacheBindings(self.session, caches, owner=self)
 
 
 class TorchRunner:

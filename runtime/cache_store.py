@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Hashable
+from typing import Any, Hashable
 
 import numpy as np
 
@@ -39,12 +39,18 @@ EVICTED_MEMORY = 256  # how many evicted keys are remembered for clearer error m
 
 @dataclass
 class CacheEntry:
-    """Everything primed for one key: the original inputs and outputs and the FULL graph's caches."""
+    """Everything primed for one key: the original inputs and outputs and the FULL graph's caches.
+
+    ``bindings`` is the SPARSE runner's binding of ``tensors`` (runtime/ort_binding.py; None until
+    a run makes one): it reads the cache arrays in place, lives and dies with the entry (re-prime,
+    drop, eviction), and whoever writes or replaces ``tensors`` resets it to None.
+    """
 
     inputs: dict[str, np.ndarray]
     outputs: list[np.ndarray]
     tensors: dict[str, np.ndarray]
     lock: ReadWriteLock = field(default_factory=ReadWriteLock)
+    bindings: Any = None
 
     @property
     def nbytes(self) -> int:

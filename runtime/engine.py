@@ -24,6 +24,13 @@ many threads at once, on the same key or on different keys:
 - The backends' runners are called concurrently; ONNX Runtime sessions and the PyTorch reference
   executor are safe for concurrent ``run`` calls. Results do not depend on concurrency (with the
   ``ort`` backend they are bit-identical to sequential runs, tested with 1 intra-op thread).
+- Cache bindings (``bind_caches``, ONNX Runtime): a key's caches are bound to the SPARSE session
+  once (``entry.bindings``, runtime/ort_binding.py) and reused by its runs, which then pass only the
+  edited inputs and tile indices. Concurrent runs on one key each take their own ``IOBinding``
+  from the entry's bindings, never share one. The bindings are made by a run holding the entry's
+  lock shared (two first runs may both make them; one is kept, both are valid), reset to None by
+  ``run(update_cache=True)`` under the exclusive lock, and freed with the entry on re-prime, drop
+  or eviction.
 
 Failures
 --------
@@ -46,7 +53,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
@@ -57,7 +64,8 @@ from sigec.core.names import coords_input, grid_input
 from sigec.core.options import DENSE_FALLBACK_FRACTION
 from sigec.runtime import costs
 from sigec.runtime.cache_store import DEFAULT_KEY, CacheEntry, CacheStore, resolve_key
-from sigec.runtime.input_validation import Inputs, check_mask_options, check_static_inputs, validate_inputs
+from sigec.runtime.input_validation import (Inputs, check_finite, check_finite_in_tiles, check_mask_options,
+                                            check_static_inputs, validate_inputs)
 from sigec.runtime.tiles import gather_tiles, scatter_tiles_inplace, tile_grid
 
 __all__ = ["DEFAULT_KEY", "CacheEntry", "Engine", "RunStats"]
@@ -65,7 +73,13 @@ __all__ = ["DEFAULT_KEY", "CacheEntry", "Engine", "RunStats"]
 
 @dataclass
 class RunStats:
-    """What the last ``run`` did."""
+    """What the last ``run`` did.
+
+    ``phases_ms`` splits ``wall_ms`` (see ``PHASES``): validate (inputs, mask argument, static
+    inputs, finite values), wait (the entry's lock), mask (pixel mask and dilation), tiles (mask
+    program, MAC count), feeds (the run's feeds or cache bindings), execute (the graph), finish
+    (outputs, cache updates).
+    """
 
     path: str
     wall_ms: float
@@ -73,11 +87,28 @@ class RunStats:
     active_tiles: dict[str, int]
     dense_macs: int
     executed_macs: int
+    phases_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def mac_reduction(self) -> float:
         """Dense MACs over executed MACs."""
         return self.dense_macs / max(self.executed_macs, 1)
+
+
+PHASES = ("validate", "wait", "mask", "tiles", "feeds", "execute", "finish")
+
+
+class _Clock:
+    """Splits one call's wall time into phases: ``mark(phase)`` adds the time since the last mark."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + (now - self.last) * 1e3
+        self.last = now
 
 
 @dataclass
@@ -91,10 +122,16 @@ class _PreparedUpdate:
 
 
 class Engine:
-    """A loaded sigec engine (see ``sigec.load``)."""
+    """A loaded sigec engine (see ``sigec.load``).
+
+    ``bind_caches`` (default True): SPARSE runs use the runner's cache bindings when it has them
+    (``bind_caches`` method, the ONNX Runtime runner); False feeds every cache by name on every run
+    (the previous behaviour, kept to measure the difference: tools/run_overhead.py).
+    """
 
     def __init__(self, manifest: Mapping[str, Any], runners: Mapping[str, Any], *, path: str = "",
-                 dense_fallback_fraction: float | None = None, max_cache_bytes: int | None = None) -> None:
+                 dense_fallback_fraction: float | None = None, max_cache_bytes: int | None = None,
+                 bind_caches: bool = True) -> None:
         self.manifest = dict(manifest)
         self.path = path
         self._runners = runners
@@ -111,6 +148,9 @@ class Engine:
                                              else options.get("dense_fallback_fraction", DENSE_FALLBACK_FRACTION))
         self._local = threading.local()
         self._costs = costs.CostModel(self.manifest.get("nodes", []))
+        self.bind_caches = bind_caches
+        self._tile_sizes = {r["name"]: int(r["tile"]) for r in self.manifest["resolutions"]}
+        self._resolution_of_size = {tuple(int(v) for v in r["size"]): r["name"] for r in self.manifest["resolutions"]}
 
     # ----- public surface ---------------------------------------------------------------------
     @property
@@ -180,28 +220,50 @@ class Engine:
 
         With ``update_cache=True`` the edit becomes the key's new original, all or nothing: if the
         call raises, the key's caches, inputs and outputs are exactly as before.
+
+        With a ``mask`` and without ``update_cache``, spatial inputs are checked for NaN and Inf
+        before a sparse run only inside the active tiles of their resolution (which cover the
+        dilated mask), and wholly before a dense one: values outside the mask must equal the primed
+        ones (the mask's contract) and are not read anew.
         """
-        start = time.perf_counter()
-        feeds = validate_inputs(inputs, self._inputs)
+        clock = _Clock()
+        # A sparse run reads the edited values only in the active tiles: check them there (see above).
+        deferred = self._spatial if mask is not None and not update_cache else ()
+        feeds = validate_inputs(inputs, self._inputs, defer_finite=deferred)
         key = resolve_key(key)
         check_mask_options(threshold, dilation)
         given_mask = normalize_mask(mask, self._mask_size, self._batch) if mask is not None else None
+        clock.mark("validate")
         entry = self._store.acquire(key, write=update_cache)
+        clock.mark("wait")
         try:
             check_static_inputs(feeds, entry.inputs, self._spatial, key)
+            clock.mark("validate")
             pixel_mask = self._pixel_mask(feeds, entry, given_mask, threshold, dilation)
-            if not pixel_mask.any():
-                self._record("empty", start, {}, 0)
+            empty = not pixel_mask.any()
+            clock.mark("mask")
+            if empty:
                 if update_cache:
                     entry.inputs = {k: v.copy() for k, v in feeds.items()}
-                return [o.copy() for o in entry.outputs]
+                outputs = [o.copy() for o in entry.outputs]
+                clock.mark("finish")
+                self._record("empty", clock, {}, 0)
+                return outputs
             tiles = run_mask_program(self.manifest["mask_program"], self.manifest["resolutions"], pixel_mask)
-            if self._executed_macs(tiles) >= self.dense_fallback_fraction * max(self._dense_macs(), 1):
-                return self._run_dense_path(feeds, entry, update_cache, start, tiles)
-            outputs, updates = self._run_sparse(feeds, entry, tiles, update_cache)
+            executed = self._executed_macs(tiles)
+            clock.mark("tiles")
+            if executed >= self.dense_fallback_fraction * max(self._dense_macs(), 1):
+                for name in deferred:  # the dense graph reads every value
+                    check_finite(name, feeds[name])
+                clock.mark("validate")
+                return self._run_dense_path(feeds, entry, update_cache, clock, tiles)
+            self._check_finite_in_tiles(feeds, deferred, tiles)
+            clock.mark("validate")
+            outputs, updates = self._run_sparse(feeds, entry, tiles, update_cache, clock)
             if update_cache:
                 self._apply_updates(entry, updates, tiles, feeds, outputs)
-            self._record("sparse", start, tiles, self._executed_macs(tiles))
+            clock.mark("finish")
+            self._record("sparse", clock, tiles, executed)
             return outputs
         finally:
             entry.lock.release(write=update_cache)
@@ -238,11 +300,26 @@ class Engine:
                 pixel = diff if pixel is None else pixel | diff
         return dilate_for_run(program, pixel, dilation)
 
+    def _check_finite_in_tiles(self, feeds: Mapping[str, np.ndarray], names: Sequence[str],
+                               tiles: Mapping[str, TileIndex]) -> None:
+        """Check the inputs ``names`` for NaN and Inf where a sparse run reads them anew: the active tiles of
+        the resolution of the input's size (they cover the dilated mask); wholly if there is none."""
+        for name in names:
+            array = feeds[name]
+            res = self._resolution_of_size.get(tuple(array.shape[2:]))
+            if res is None or res not in tiles:
+                check_finite(name, array)
+            else:
+                check_finite_in_tiles(name, array, tiles[res].coords, self._tile_sizes[res])
+
     # ----- execution --------------------------------------------------------------------------
-    def _call_runner(self, graph: str, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
-        """Run one graph; unexpected backend exceptions become ``BackendError`` naming the graph."""
+    def _call_runner(self, graph: str, feeds: Mapping[str, np.ndarray], names: Sequence[str],
+                     bindings: Any = None) -> list[np.ndarray]:
+        """Run one graph (through ``bindings``, the cache bindings of its runner, when given); unexpected
+        backend exceptions become ``BackendError`` naming the graph."""
+        run = bindings.run if bindings is not None else self._runners[graph].run
         try:
-            results = list(self._runners[graph].run(feeds, list(names)))
+            results = list(run(feeds, list(names)))
         except (SigecError, MemoryError):
             raise
         except Exception as exc:
@@ -293,11 +370,29 @@ class Engine:
             feeds[grid_input(name)] = t.grid
         return feeds
 
+    def _cache_bindings(self, entry: CacheEntry) -> Any:
+        """The SPARSE runner's bindings of the entry's caches, made now if missing or stale; None when
+        the runner has none (or ``bind_caches`` is off). The caller holds the entry's lock."""
+        runner = self._runners["sparse"]
+        make = getattr(runner, "bind_caches", None)
+        if not self.bind_caches or make is None:
+            return None
+        bindings = entry.bindings
+        if bindings is None or not bindings.serves(runner, entry.tensors):
+            bindings = make(entry.tensors)
+            entry.bindings = bindings  # a concurrent first run may store its own: both are valid
+        return bindings
+
     def _run_sparse(self, feeds: dict[str, np.ndarray], entry: CacheEntry, tiles: Mapping[str, TileIndex],
-                    update_cache: bool) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
-        all_feeds = {**feeds, **entry.tensors, **self._tile_feeds(tiles)}
+                    update_cache: bool, clock: _Clock) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+        run_feeds = {**feeds, **self._tile_feeds(tiles)}
         update_names = [u["output"] for u in self.manifest["updates"]] if update_cache else []
-        results = self._call_runner("sparse", all_feeds, self._outputs + update_names)
+        bindings = self._cache_bindings(entry)
+        if bindings is None:
+            run_feeds.update(entry.tensors)
+        clock.mark("feeds")
+        results = self._call_runner("sparse", run_feeds, self._outputs + update_names, bindings)
+        clock.mark("execute")
         outputs = results[:len(self._outputs)]
         return outputs, dict(zip(update_names, results[len(self._outputs):]))
 
@@ -315,7 +410,7 @@ class Engine:
     def _prepare_updates(self, entry: CacheEntry, updates: Mapping[str, np.ndarray],
                          tiles: Mapping[str, TileIndex]) -> list[_PreparedUpdate]:
         """Validate every tile update and record the tiles it overwrites; writes nothing."""
-        tile_sizes = {r["name"]: int(r["tile"]) for r in self.manifest["resolutions"]}
+        tile_sizes = self._tile_sizes
         prepared = []
         for u in self.manifest["updates"]:
             name, cache, res = u["output"], u["cache"], u["resolution"]
@@ -374,6 +469,7 @@ class Engine:
             raise
         finally:
             self._forget_device_copies([entry.tensors[p.cache] for p in written])
+            entry.bindings = None  # the caches changed: later runs bind them anew
         entry.inputs = new_inputs
         entry.outputs = new_outputs
 
@@ -384,18 +480,22 @@ class Engine:
             if forget is not None:
                 forget(arrays)
 
-    def _run_dense_path(self, feeds: dict[str, np.ndarray], entry: CacheEntry, update_cache: bool, start: float,
+    def _run_dense_path(self, feeds: dict[str, np.ndarray], entry: CacheEntry, update_cache: bool, clock: _Clock,
                         tiles: Mapping[str, TileIndex]) -> list[np.ndarray]:
         if update_cache:
             # FULL recomputes every cache: build a complete new set, then swap it in (all or nothing).
             results = self._run_full(feeds)
+            clock.mark("execute")
             outputs = [results[n] for n in self._outputs]
             new_outputs = self._check_outputs(entry, outputs)
             tensors = self._own_caches(results, feeds, outputs)
             entry.tensors, entry.inputs, entry.outputs = tensors, {k: v.copy() for k, v in feeds.items()}, new_outputs
+            entry.bindings = None  # they bound the replaced arrays
         else:
             outputs = self._call_runner("dense", feeds, self._outputs)
-        self._record("dense", start, tiles, self._dense_macs())
+            clock.mark("execute")
+        clock.mark("finish")
+        self._record("dense", clock, tiles, self._dense_macs())
         return outputs
 
     def _dense_macs(self) -> int:
@@ -404,8 +504,9 @@ class Engine:
     def _executed_macs(self, tiles: Mapping[str, TileIndex]) -> int:
         return self._costs.executed(tiles)
 
-    def _record(self, path: str, start: float, tiles: Mapping[str, TileIndex], executed: int) -> None:
-        self._local.stats = RunStats(path=path, wall_ms=(time.perf_counter() - start) * 1e3,
+    def _record(self, path: str, clock: _Clock, tiles: Mapping[str, TileIndex], executed: int) -> None:
+        self._local.stats = RunStats(path=path, wall_ms=(time.perf_counter() - clock.start) * 1e3,
                                      active_fraction=self._fractions(tiles),
                                      active_tiles={k: t.count for k, t in tiles.items()},
-                                     dense_macs=self._dense_macs(), executed_macs=executed)
+                                     dense_macs=self._dense_macs(), executed_macs=executed,
+                                     phases_ms=dict(clock.phases))

@@ -12,25 +12,36 @@ Dtype rule for an input declared with dtype D:
 - anything else is refused, in particular integer or boolean data for a floating input: its scale
   is unknown (0..255 pixels fed to a model that expects normalised values give garbage), so the
   caller converts it explicitly, scaled as the model expects.
+
+Finite values: floating inputs are checked for NaN and Inf over the whole array, except the inputs
+a caller defers (``defer_finite``): ``Engine.run`` defers its spatial inputs when a mask is given
+without ``update_cache``, then checks them only inside the active tiles of the input's resolution
+(``check_finite_in_tiles``; they cover the dilated mask) before a sparse run, as that run reads
+the edited values only there (outside the mask they must equal the primed ones, which were
+checked), or wholly (``check_finite``) before a dense one. An input converted from another dtype
+is always checked wholly: the conversion already read it all.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Collection, Hashable, Mapping, Sequence
 
 import numpy as np
 
 from sigec.core.errors import InputError
+from sigec.runtime.tiles import gather_tiles
 
 Inputs = Mapping[str, np.ndarray] | Sequence[np.ndarray]
 
 
-def validate_inputs(inputs: Inputs, specs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+def validate_inputs(inputs: Inputs, specs: Sequence[Mapping[str, Any]], *,
+                    defer_finite: Collection[str] = ()) -> dict[str, np.ndarray]:
     """Validated C-contiguous arrays by input name (``specs``: the manifest's inputs, in declaration order).
 
     ``inputs`` is a mapping name -> array with exactly the declared names, or a sequence (or a
-    single array) in declaration order.
+    single array) in declaration order. Inputs named in ``defer_finite`` are not checked for
+    finite values unless converted (the caller checks them later; module docstring).
     """
     by_name = {s["name"]: s for s in specs}
     if isinstance(inputs, Mapping):
@@ -49,11 +60,13 @@ def validate_inputs(inputs: Inputs, specs: Sequence[Mapping[str, Any]]) -> dict[
     else:
         raise InputError(f"inputs must be a mapping from input name to array or a sequence of arrays in the "
                          f"order {list(by_name)}, got {type(inputs).__name__}")
-    return {name: validate_input(name, value, by_name[name]) for name, value in items.items()}
+    return {name: validate_input(name, value, by_name[name], finite=name not in defer_finite)
+            for name, value in items.items()}
 
 
-def validate_input(name: str, value: Any, spec: Mapping[str, Any]) -> np.ndarray:
-    """``value`` as a C-contiguous array of the declared dtype and shape (dtype rule: module docstring)."""
+def validate_input(name: str, value: Any, spec: Mapping[str, Any], *, finite: bool = True) -> np.ndarray:
+    """``value`` as a C-contiguous array of the declared dtype and shape (dtype rule: module docstring);
+    with ``finite=False`` its values are checked only if it was converted."""
     try:
         array = np.asarray(value)
     except Exception as exc:
@@ -67,14 +80,37 @@ def validate_input(name: str, value: Any, spec: Mapping[str, Any]) -> np.ndarray
             array = array.astype(want)
     if list(array.shape) != list(spec["shape"]):
         raise InputError(f"input '{name}' has shape {list(array.shape)}, expected {list(spec['shape'])}")
-    if array.dtype.kind == "f":
-        bad = ~np.isfinite(array)
-        if bad.any():
-            first = tuple(int(i) for i in np.argwhere(bad)[0])
-            after = f" after conversion from {converted_from} to {want}" if converted_from is not None else ""
-            raise InputError(f"input '{name}' contains {int(bad.sum())} NaN or Inf value(s){after}, the first at "
-                             f"index {first}; sigec refuses non-finite inputs")
+    if finite or converted_from is not None:
+        check_finite(name, array, converted_from)
     return np.asarray(array, order="C")
+
+
+def check_finite(name: str, array: np.ndarray, converted_from: np.dtype | None = None) -> None:
+    """Refuse NaN or Inf anywhere in a floating ``array`` (``converted_from``: its dtype before conversion)."""
+    if array.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(array)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        after = f" after conversion from {converted_from} to {array.dtype}" if converted_from is not None else ""
+        raise InputError(f"input '{name}' contains {int(bad.sum())} NaN or Inf value(s){after}, the first at "
+                         f"index {first}; sigec refuses non-finite inputs")
+
+
+def check_finite_in_tiles(name: str, array: np.ndarray, coords: np.ndarray, tile: int) -> None:
+    """Refuse NaN or Inf in a floating ``array`` [B, C, H, W] inside the tiles ``coords`` [N, 3] (b, ty, tx)
+    of size ``tile``; the work is proportional to the tiles, not to the array."""
+    if array.dtype.kind != "f" or coords.shape[0] == 0:
+        return
+    values = gather_tiles(array, coords, tile)  # [N, C, T, T], zeros past the border
+    finite = np.isfinite(values)
+    if finite.all():
+        return
+    n, c, dy, dx = np.nonzero(~finite)
+    found = sorted(zip(coords[n, 0], c, coords[n, 1] * tile + dy, coords[n, 2] * tile + dx))
+    first = tuple(int(i) for i in found[0])
+    raise InputError(f"input '{name}' contains {len(found)} NaN or Inf value(s) inside the edited tiles, the first at "
+                     f"index {first}; sigec refuses non-finite inputs")
 
 
 def _check_conversion(name: str, have: np.dtype, want: np.dtype) -> None:

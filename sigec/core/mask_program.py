@@ -78,20 +78,32 @@ def _transpose_window_any(mask: np.ndarray, kernel: Sequence[int], stride: Seque
     b, h, w = mask.shape
     oh, ow = size
     out = np.zeros((b, oh, ow), dtype=bool)
-    ys, xs = [], []
-    for axis, (n, k, s, p, o) in enumerate(zip((h, w), kernel, stride, pads[:2], size)):
-        idx = np.arange(n)[:, None] * s - p + np.arange(k)[None, :]  # [n, k] output positions
-        (ys if axis == 0 else xs).append(idx)
-    for bi in range(b):
-        iy, ix = np.nonzero(mask[bi])
-        if iy.size == 0:
-            continue
-        oy = ys[0][iy]  # [m, kh]
-        ox = xs[0][ix]  # [m, kw]
-        yy = np.broadcast_to(oy[:, :, None], (iy.size, oy.shape[1], ox.shape[1]))
-        xx = np.broadcast_to(ox[:, None, :], (iy.size, oy.shape[1], ox.shape[1]))
-        keep = (yy >= 0) & (yy < oh) & (xx >= 0) & (xx < ow)
-        out[bi, yy[keep], xx[keep]] = True
+    # Output positions each input row (column) reaches: [n, k] tables, one per axis.
+    ys, xs = (np.arange(n)[:, None] * s - p + np.arange(k)[None, :]
+              for n, k, s, p in zip((h, w), kernel, stride, pads[:2]))
+    bi, iy, ix = np.nonzero(mask)  # every active input cell of every batch item at once
+    if bi.size == 0:
+        return out
+    shape = (bi.size, ys.shape[1], xs.shape[1])
+    bb = np.broadcast_to(bi[:, None, None], shape)
+    yy = np.broadcast_to(ys[iy][:, :, None], shape)
+    xx = np.broadcast_to(xs[ix][:, None, :], shape)
+    keep = (yy >= 0) & (yy < oh) & (xx >= 0) & (xx < ow)
+    out[bb[keep], yy[keep], xx[keep]] = True
+    return out
+
+
+def _or_blocks(mask: np.ndarray, axis: int, block: int) -> np.ndarray:
+    """Logical or over consecutive runs of ``block`` cells along ``axis`` (whose length is a multiple of
+    ``block``): one strided slice per offset in the block, much faster than ``any`` over a reshape."""
+    def offset(k: int) -> np.ndarray:
+        index: list[slice] = [slice(None)] * mask.ndim
+        index[axis] = slice(k, None, block)
+        return mask[tuple(index)]
+
+    out = offset(0).copy()
+    for k in range(1, block):
+        out |= offset(k)
     return out
 
 
@@ -99,7 +111,12 @@ def _resample_axis(mask: np.ndarray, axis: int, size: int) -> np.ndarray:
     n = mask.shape[axis]
     if n == size:
         return mask
-    # Output cell j covers the input interval [j * n / size, (j + 1) * n / size).
+    # Output cell j covers the input interval [j * n / size, (j + 1) * n / size); for integer ratios
+    # that is a block of n / size cells (an or over blocks) or one cell repeated (a repeat).
+    if n % size == 0:
+        return _or_blocks(mask, axis, n // size)
+    if size % n == 0:
+        return mask.repeat(size // n, axis=axis)
     starts = (np.arange(size) * n) // size
     ends = np.maximum(((np.arange(size) + 1) * n + size - 1) // size, starts + 1)
     cum = np.cumsum(np.moveaxis(mask, axis, -1).astype(np.int32), axis=-1)
@@ -172,13 +189,19 @@ def normalize_mask(mask: Any, input_size: Sequence[int], batch: int) -> np.ndarr
 
 
 def tile_index(mask: np.ndarray, tile: int) -> TileIndex:
-    """Reduce a ``[B, H, W]`` mask to the active tiles of a grid with tile size ``tile``."""
+    """Reduce a ``[B, H, W]`` mask to the active tiles of a grid with tile size ``tile``.
+
+    ``coords`` lists the active tiles in row-major order (batch, tile row, tile column); ``grid``
+    holds each tile's position in ``coords`` or -1.
+    """
     b, h, w = mask.shape
     gh, gw = -(-h // tile), -(-w // tile)
-    padded = np.zeros((b, gh * tile, gw * tile), dtype=bool)
-    padded[:, :h, :w] = mask
-    cells = padded.reshape(b, gh, tile, gw, tile).any(axis=(2, 4))
-    coords = np.argwhere(cells).astype(np.int64)
+    if (gh * tile, gw * tile) != (h, w):
+        padded = np.zeros((b, gh * tile, gw * tile), dtype=bool)
+        padded[:, :h, :w] = mask
+        mask = padded
+    cells = _or_blocks(_or_blocks(mask, 1, tile), 2, tile)
+    coords = np.stack(np.nonzero(cells), axis=1).astype(np.int64, copy=False)
     grid = np.full((b, gh, gw), -1, dtype=np.int64)
     grid[cells] = np.arange(coords.shape[0], dtype=np.int64)
     return TileIndex(coords=coords.reshape(-1, 3), grid=grid)

@@ -1,0 +1,101 @@
+"""One key's caches bound to an ONNX Runtime session once, reused by its SPARSE runs.
+
+A SPARSE run reads every cache array of its key (up to hundreds of inputs), which change only when
+the key is re-primed or updated, and a few small per-run inputs (the edited inputs, the tile
+indices). Fed as a dictionary, every run converts every array to an ONNX Runtime value again and
+ONNX Runtime checks every name. :class:`CacheBindings` binds the caches once and rebinds only the
+per-run inputs.
+
+Contract
+--------
+- The cache arrays are bound by reference, not copied (a CPU ``OrtValue`` made from a numpy array
+  reads that array's memory); the object keeps them alive. It serves exactly the dictionary object
+  it was built from, for the runner that built it (:meth:`serves`): whoever replaces or writes a key's cache arrays makes new
+  bindings (the engine does, on ``update_cache`` and re-prime; dropping or evicting a key frees its
+  bindings with its entry).
+- ONNX Runtime's ``IOBinding`` must not be used by two runs at once. :meth:`run` takes a binding
+  from a free list for the duration of the call (creating one, with the caches bound, when every
+  binding is in use), so concurrent runs on one key never share one; there are at most as many as
+  the key ever had concurrent runs. A binding whose run raised is dropped, not reused.
+- Results equal ``session.run`` on the same feeds: the same session runs the same values.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+
+class CacheBindings:
+    """IOBindings of one session with one key's cache arrays bound, one per concurrent run."""
+
+    def __init__(self, session: Any, caches: Mapping[str, np.ndarray], *, owner: object = None) -> None:
+        import onnxruntime as ort
+
+        self._session = session
+        self._caches = caches
+        self._owner = owner  # the runner that made them: a replaced runner must not reuse them
+        wanted = {i.name for i in session.get_inputs()}
+        # The OrtValues share the arrays' memory and hold references to them (no copy).
+        self._values = {name: ort.OrtValue.ortvalue_from_numpy(array)
+                        for name, array in caches.items() if name in wanted}
+        self._inputs = wanted - set(self._values)  # names bound anew by every run
+        self._free: list[Any] = []
+        self._in_use = 0
+        self._lock = threading.Lock()
+
+    def serves(self, owner: object, caches: Mapping[str, np.ndarray]) -> bool:
+        """True if ``owner`` made these bindings for this very ``caches`` dictionary."""
+        return self._owner is owner and self._caches is caches
+
+    @property
+    def count(self) -> int:
+        """Bindings that exist, in use or free (for tests and diagnostics)."""
+        with self._lock:
+            return len(self._free) + self._in_use
+
+    def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+        """Run the session with the caches and ``feeds`` (the per-run inputs; others are ignored).
+
+        Every per-run input of the graph must be in ``feeds``; the arrays must stay unchanged until
+        the call returns (they are read in place).
+        """
+        missing = self._inputs - set(feeds)
+        if missing:
+            raise ValueError(f"inputs {sorted(missing)} are neither caches nor given")
+        binding = self._take()
+        try:
+            for name in self._inputs:
+                binding.bind_cpu_input(name, feeds[name])
+            binding.clear_binding_outputs()
+            for name in output_names:
+                binding.bind_output(name, "cpu")
+            self._session.run_with_iobinding(binding)
+            # numpy() views the output's memory (kept alive by the array), as session.run returns it.
+            outputs = [value.numpy() for value in binding.get_outputs()]
+            binding.clear_binding_outputs()
+        except BaseException:
+            self._put_back(None)  # its state is unknown: drop it
+            raise
+        self._put_back(binding)
+        return outputs
+
+    def _take(self) -> Any:
+        with self._lock:
+            if self._free:
+                self._in_use += 1
+                return self._free.pop()
+        binding = self._session.io_binding()
+        for name, value in self._values.items():
+            binding.bind_ortvalue_input(name, value)
+        with self._lock:
+            self._in_use += 1
+        return binding
+
+    def _put_back(self, binding: Any | None) -> None:
+        with self._lock:
+            self._in_use -= 1
+            if binding is not None:
+                self._free.append(binding)
