@@ -29,15 +29,16 @@ RESHAPES = {"Reshape", "Squeeze", "Unsqueeze", "Flatten"}  # row-major data unch
 class SqueezeSingletonAxesPass(ir.passes.InPlacePass):
     """Rewrite 5-D convolutions (and what surrounds them) over a depth-1 axis into 2-D ones.
 
-    A *flat* value is 5-D ``[N, C, 1, H, W]``; its *twin* is a 4-D ``[N, C, H, W]`` value with the same
-    data (the pass also follows 4-D values with the same row-major data through reshapes). Every rule is exact: dropping a size-1 axis that no kernel, pad or stride reaches changes
-    no number.
+    A *flat* value is 5-D ``[N, C, 1, H, W]``; its *twin* is a 4-D ``[N, C, H, W]`` value with the
+    same data (the pass also follows 4-D values with the same row-major data through reshapes).
+    Every rule is exact: dropping a size-1 axis that no kernel, pad or stride reaches changes no
+    number.
 
     Rewrite rules (nodes in topological order):
     1. ``Unsqueeze`` / ``Reshape`` / ``Squeeze`` / ``Flatten``, and a ``Transpose`` that moves only
        size-1 axes, from a 4-D value to a 5-D one, or from a value that has a twin: the output has
-       the same data as that 4-D value (no node changes). Such a node whose output has exactly the twin's 4-D shape is bypassed: its
-       consumers read the twin.
+       the same data as that 4-D value (no node changes). Such a node whose output has exactly the
+       twin's 4-D shape is bypassed: its consumers read the twin.
     2. ``Conv`` / ``ConvTranspose`` on a flat input with a constant ``[.., .., 1, kh, kw]`` weight,
        no depth padding (and no depth output padding) and a flat output becomes the 2-D op on the
        twin with the depth entry dropped from every attribute; the weight is squeezed.

