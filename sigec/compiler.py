@@ -13,8 +13,8 @@ from sigec import autotune as tuner
 from sigec.core import VERSION
 from sigec.core.engine_file import EngineContents, write_engine
 from sigec.core.errors import CompileError
-from sigec.core.options import (BACKENDS, DEFAULT_BACKEND, DEFAULT_DILATION, DEFAULT_MODE, DEFAULT_OPSET,
-                                DEFAULT_THRESHOLD, DEFAULT_TILE_SIZE, DENSE_FALLBACK_FRACTION, MODES)
+from sigec.core.options import (BACKENDS, DEFAULT_APPROX_DILATION, DEFAULT_BACKEND, DEFAULT_DILATION, DEFAULT_MODE,
+                                DEFAULT_OPSET, DEFAULT_THRESHOLD, DEFAULT_TILE_SIZE, DENSE_FALLBACK_FRACTION, MODES)
 from sigec.frontends.onnx_frontend import load_onnx
 from sigec.passes.sparse_rewrite import rewrite
 from sigec.passes.tensorrt_build import build_plans, missing_requirements, unavailable_message, with_plans
@@ -59,7 +59,8 @@ def _split_weights(protos: Mapping[str, onnx.ModelProto]) -> tuple[dict[str, byt
 def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, mode: str = DEFAULT_MODE,
             backend: str = DEFAULT_BACKEND, tile_size: int | Mapping[str, int] | None = None,
             input_shapes: Mapping[str, Sequence[int]] | None = None, fallback: str = "error",
-            threshold: float | None = None, dilation: int | None = None, approx_dilation: int = 1,
+            threshold: float | None = None, dilation: int | None = None,
+            approx_dilation: int = DEFAULT_APPROX_DILATION,
             dense_fallback_fraction: float = DENSE_FALLBACK_FRACTION, opset: int = DEFAULT_OPSET, dense_resolutions: Sequence[str] = (),
             autotune: bool = False, autotune_edits: Sequence[float] | None = None,
             autotune_threads: int | None = None, progress: bool = False) -> pathlib.Path:
@@ -70,7 +71,8 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
     (SIGE-compatible masks and frozen normalisation statistics). ``tile_size`` is one int for every
     resolution or a mapping ``{"r64x64": 8, "default": 8}``. ``fallback="dense"`` keeps unsupported
     nodes dense instead of failing. ``threshold`` and ``dilation`` set the default change-detection
-    for ``Engine.run(mask=None)``. ``dense_resolutions`` (approx mode) lists resolutions such as
+    for ``Engine.run(mask=None)``. ``approx_dilation`` (approx mode) is how many cells each resolution's
+    tile mask grows around the resampled edit. ``dense_resolutions`` (approx mode) lists resolutions such as
     ``"r8x8"`` that run dense: small maps that most edits activate entirely run faster dense.
     ``autotune=True`` chooses the tile size or dense execution of every resolution by measuring
     candidates on this machine (``sigec.autotune``; edits ``autotune_edits``, ONNX Runtime with

@@ -9,5 +9,8 @@ FALLBACKS = ("error", "dense")
 DEFAULT_TILE_SIZE = 4  # measured on the DDPM UNet: see BENCHMARKS.md, "Tile size"
 DEFAULT_THRESHOLD = {"exact": 0.0, "approx": 2e-2}  # |edited - primed| above this marks a pixel as edited
 DEFAULT_DILATION = {"exact": 0, "approx": 1}  # pixels added around the edit mask before tiling
+# Approx mode: cells each resolution's mask is dilated by (SIGE's 1; trained detectors gain inside the
+# edit from 2-4 at 1.3-2x the time, so it stays a per-model choice: BENCHMARKS.md, "Trained models")
+DEFAULT_APPROX_DILATION = 1
 DENSE_FALLBACK_FRACTION = 0.6  # run dense when the sparse run would execute this share of dense MACs
 DEFAULT_OPSET = 18
