@@ -77,8 +77,8 @@ def test_a_large_edit_takes_the_dense_path_and_matches_the_oracle(mode, local_ne
     rng = np.random.default_rng(0)
     x0 = rng.standard_normal(engine.manifest["inputs"][0]["shape"]).astype(np.float32)
     everything = np.ones((20, 20), bool)
-    result = compare_with_oracle(engine, oracle, {"x": x0}, {"x": x0 + rng.standard_normal(x0.shape).astype(np.float32)},
-                                 everything)
+    x1 = x0 + rng.standard_normal(x0.shape).astype(np.float32)
+    result = compare_with_oracle(engine, oracle, {"x": x0}, {"x": x1}, everything)
     assert_exact(result, path="dense", context=f"{mode}, whole image")
 
     corner = np.zeros((20, 20), bool)
