@@ -198,9 +198,9 @@ def assert_exact(c: OracleComparison, *, path: str = "sparse", min_change: float
 
 def assert_approx(c: OracleComparison, *, inside: float, whole: float, context: str = "") -> None:
     """Approx mode: prime and run_dense equal the oracle (they run the dense model); the sparse run's
-    relative L2 error is at most ``inside`` times the error of not recomputing inside the edited
-    region and ``whole`` times it over the whole output (both factors below 1, so that not
-    recomputing fails)."""
+    relative L2 error is at most ``inside`` (< 1) times the error of not recomputing inside the
+    edited region and ``whole`` (<= 1) times it over the whole output, and below it in any case,
+    so that not recomputing fails."""
     assert inside < 1 and whole <= 1, "a bound must reject not recomputing"
     assert c.path == "sparse", f"{context}: expected the sparse path, got {c.path}"
     assert c.primed <= EXACT_TOLERANCE and c.dense <= EXACT_TOLERANCE, f"{context}: {c}"
