@@ -212,6 +212,10 @@ def assert_approx(c: OracleComparison, *, inside: float, whole: float, context: 
 # ---------------------------------------------------------------------------------------------- test models
 
 
+RANDOM_NET_APPROX_INSIDE = 0.9
+"""Approx mode on random local nets: the largest sparse error inside the edit, as a fraction of not
+recomputing's (measured worst 0.73 on 571 draws; see test_oracle_random_nets.py)."""
+
 LOCAL_NET: dict[str, Any] = {"seed": 7, "depth": 6, "size": (20, 20)}
 """The random local net compiled once per session (conftest ``local_net_path``): ``random_local_net(**LOCAL_NET)``."""
 

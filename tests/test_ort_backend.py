@@ -11,11 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sigec
-from helpers import (ALWAYS_SPARSE, EXACT_TOLERANCE, LOCAL_NET, ROOT, always_sparse, assert_approx, assert_exact,
-                     compare_with_oracle, engine_from_proto, examples, ort_oracle, rel_err)
+from helpers import (ALWAYS_SPARSE, EXACT_TOLERANCE, LOCAL_NET, RANDOM_NET_APPROX_INSIDE, ROOT, always_sparse,
+                     assert_approx, assert_exact, compare_with_oracle, engine_from_proto, examples, ort_oracle, rel_err)
 from random_nets import random_local_net
-
-INSIDE = 0.9  # approx mode, inside the edit: see test_oracle_random_nets.py
 
 
 @settings(max_examples=examples(25))
@@ -41,7 +39,7 @@ def test_ort_matches_reference_executor_and_the_original_model(seed, mode, tile,
     if mode == "exact":
         assert_exact(result, min_change=0.0, context=context)
     elif result.stale_l2_inside > 100 * EXACT_TOLERANCE:
-        assert_approx(result, inside=INSIDE, whole=1.0, context=context)
+        assert_approx(result, inside=RANDOM_NET_APPROX_INSIDE, whole=1.0, context=context)
     else:  # the edit does not reach the edited region of the output (strided layers skip it)
         assert result.path == "sparse" and max(result.primed, result.dense) <= EXACT_TOLERANCE, context
         assert result.sparse_l2 <= result.stale_l2 + EXACT_TOLERANCE, f"{context}: {result}"
