@@ -27,7 +27,7 @@ import onnx
 import onnx_ir as ir
 
 from sigec.core.errors import CompileError
-from sigec.core.options import DEFAULT_TILE_SIZE, FALLBACKS, MODES
+from sigec.core.options import DEFAULT_APPROX_DILATION, DEFAULT_TILE_SIZE, FALLBACKS, MODES
 from sigec.passes.build_full_graph import BuildFullGraphPass
 from sigec.passes.build_sparse_graph import BuildSparseGraphPass
 from sigec.passes.cache_update_outputs import AddCacheUpdateOutputsPass
@@ -58,7 +58,7 @@ def _options(mode: str, tile_size: int | Mapping[str, int], fallback: str,
 
 
 def rewrite(model: ir.Model, *, mode: str = "approx", tile_size: int | dict[str, int] = DEFAULT_TILE_SIZE,
-            fallback: str = "error", threshold: float = 0.0, dilation: int = 0, approx_dilation: int = 1,
+            fallback: str = "error", threshold: float = 0.0, dilation: int = 0, approx_dilation: int = DEFAULT_APPROX_DILATION,
             dense_resolutions: tuple[str, ...] = ()) -> RewriteResult:
     """Rewrite a canonical model into FULL, SPARSE and DENSE graphs plus manifest fields.
 

@@ -14,8 +14,8 @@ import numpy as np
 from sigec.apps.demo import RANDOM_WEIGHTS_NOTE
 from sigec.autotune import DEFAULT_EDITS
 from sigec.core.errors import InputError, SigecError
-from sigec.core.options import (BACKENDS, DEFAULT_BACKEND, DEFAULT_DILATION, DEFAULT_MODE, DEFAULT_OPSET,
-                                DEFAULT_THRESHOLD, DEFAULT_TILE_SIZE, FALLBACKS, MODES)
+from sigec.core.options import (BACKENDS, DEFAULT_APPROX_DILATION, DEFAULT_BACKEND, DEFAULT_DILATION, DEFAULT_MODE,
+                                DEFAULT_OPSET, DEFAULT_THRESHOLD, DEFAULT_TILE_SIZE, FALLBACKS, MODES)
 from sigec.core.tensorrt_abi import PRECISIONS
 from sigec.inspection import plural
 
@@ -172,7 +172,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     shapes = dict(args.input_shape or [])
     path = sigec.compile(args.model, args.output, mode=args.mode, backend=args.backend, tile_size=args.tile_size,
                          input_shapes=shapes or None, fallback=args.fallback, threshold=args.threshold,
-                         dilation=args.dilation, opset=args.opset, progress=not args.quiet,
+                         dilation=args.dilation, approx_dilation=args.approx_dilation, opset=args.opset,
+                         progress=not args.quiet,
                          dense_resolutions=args.dense_resolutions, autotune=args.autotune,
                          autotune_edits=args.autotune_edits, autotune_threads=args.autotune_threads)
     from sigec.core.engine_file import read_manifest
@@ -324,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dilation", type=int, default=None,
                    help=f"pixels added around every mask, stored as the engine's default "
                         f"(default by mode: {_by_mode(DEFAULT_DILATION)})")
+    c.add_argument("--approx-dilation", type=int, default=DEFAULT_APPROX_DILATION,
+                   help="approx mode: cells added around the edit on every resolution's tile mask (more is "
+                        "closer to dense, slower; BENCHMARKS.md 'Trained models from packages')")
     c.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset for the PyTorch export")
     c.add_argument("--dense-resolutions", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
                    metavar="r8x8,r16x16",
@@ -395,8 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run with this backend instead of the one the engine was compiled for")
     b.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("serve", help="serve an engine over HTTP with Ray Serve: sessions and a painting page "
-                                     "(needs sigec[serve]; docs/serving.md)")
+    s = _subcommand(sub, "serve", "serve an engine over HTTP with Ray Serve: sessions and a painting page "
+                                  "(needs sigec[serve]; docs/serving.md)")
     s.add_argument("engine", help="engine file (.sigec), at this path on every Ray node")
     s.add_argument("--host", default="127.0.0.1", help="address the HTTP server binds (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")

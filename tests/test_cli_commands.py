@@ -204,6 +204,23 @@ def test_compile_time_threshold_and_dilation(tmp_path, tiny_onnx, tiny_engine, a
     assert tiles["dilated"] > tiles["plain"]
 
 
+def test_compile_time_approx_dilation(tmp_path, tiny_onnx, arrays):
+    """--approx-dilation is stored and widens every resolution's tiles around an edit."""
+    pixel = np.zeros((SIZE, SIZE), bool)
+    pixel[16, 16] = True
+    np.save(tmp_path / "pixel.npy", pixel)
+    tiles = {}
+    for cells in (1, 3):
+        engine = tmp_path / f"approx{cells}.sigec"
+        sigec_cli("compile", tiny_onnx, "-o", engine, "--mode", "approx", "--approx-dilation", str(cells), "-q")
+        assert read_manifest(engine)["options"]["approx_dilation"] == cells
+        report = json.loads(sigec_cli("inspect", engine, "--mask", tmp_path / "pixel.npy", "--json").stdout)
+        tiles[cells] = sum(report["mask"]["active_tiles"].values())
+        run = sigec_cli("run", engine, "--original", arrays["original"], "--edited", arrays["edited"])
+        assert run_path(run.stdout) == "sparse"
+    assert tiles[3] > tiles[1]
+
+
 def one_conv_onnx(path: Path, *, with_timestep: bool) -> Path:
     """A 16x16 net of one resolution: Conv (times a non-spatial input 't' [1]) -> ReLU -> Conv."""
     rng = np.random.default_rng(3)
