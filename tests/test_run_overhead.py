@@ -340,8 +340,9 @@ def test_run_overhead_tool_reports_both_variants(zoo_engine_path, tmp_path, caps
     shutil.copy(zoo_engine_path("tiny_local", "exact"), folder / "tiny_local_exact.sigec")
     tool = load_tool("run_overhead")
     assert tool.main(["--models", "tiny_local", "--mode", "exact", "--runs", "1", "--edits", "0", "0.05",
-                      "--threads", "1", "--engine-dir", str(folder)]) == 0
+                      "--threads", "1", "--engine-dir", str(folder), "--feeds", "3"]) == 0
     printed = capsys.readouterr().out
     rows = [line for line in printed.splitlines() if line.startswith("| ") and "%" in line]
     assert len(rows) == 8, printed  # 2 edits x 2 variants, in the main and the phase tables
     assert "| 0.0% | empty | bound |" in printed and "| 5.0% | sparse | unbound |" in printed
+    assert any(line.startswith("| 3 | ") for line in printed.splitlines()), printed  # the feeding table

@@ -3,24 +3,28 @@
 Usage:
     python tools/run_overhead.py [--models tiny_local resnet9] [--edits 0 0.002 0.012] [--runs 7]
                                  [--threads 2] [--mode approx] [--engine-dir DIR] [--variants bound unbound]
+                                 [--feeds 10 100 300]
 
 For each zoo model (full size; compiled into ``--engine-dir`` unless the engine file is already
 there) and each edit (a centred square of that fraction of the image, noise added inside; 0 is an
-empty edit) it measures, side by side in one process, alternating run by run:
+empty edit) it runs, side by side in one process and alternating run by run (the machine's load
+drifts), every variant of the engine, each as an unprofiled engine and as a twin with ONNX
+Runtime's profiler on, and the dense graph:
 
-- the wall time of ``engine.run(edited, mask=square)`` for every variant: ``bound`` (caches bound
-  to the SPARSE session once, the default) and ``unbound`` (every cache fed by name on every run,
-  ``Engine(bind_caches=False)``); ``default`` builds the engine without that argument (for older
-  code that lacks it);
-- the wall time of ``engine.run_dense(edited)``;
-- how much of it ``session.run`` (or ``run_with_iobinding``) took, and the engine's own phases
-  (``RunStats.phases_ms``: validate, wait, mask, tiles, feeds, execute, finish);
-- with a separate, profiled engine: the sum of ONNX Runtime's kernel times per run and its
-  ``model_run`` time (kernels plus the executor's own work).
+- variants: ``bound`` (caches bound to the SPARSE session once, the default), ``unbound`` (every
+  cache fed by name on every run, ``Engine(bind_caches=False)``), ``default`` (the engine built
+  without that argument: for older code that lacks it);
+- unprofiled engine: wall time of ``engine.run(edited, mask=square)``, the time of its
+  ``session.run`` / ``run_with_iobinding`` call, the engine's phases (``RunStats.phases_ms``);
+- profiled twin, same inputs: wall time, sum of kernel times and ``model_run`` time per run;
+  overhead (wall - kernel sum) and its split (outside ONNX Runtime: wall - model_run; ONNX
+  Runtime between kernels: model_run - kernel sum) are medians of per-run differences, so both
+  terms of a difference come from the same run; the profiler's own cost per node is included;
+- dense: wall time of ``engine.run_dense(edited)`` and its kernel sum.
 
-Prints medians of ``--runs`` runs as markdown tables: overhead is wall minus kernel sum, split into
-Python (wall minus session) and ONNX Runtime outside kernels (model_run minus kernel sum, measured
-on the profiled engine); ratio is dense wall over sparse wall; MAC reduction is the engine's.
+Prints markdown tables of medians of ``--runs`` runs; dense / sparse wall is the speedup, MAC
+reduction the engine's. ``--feeds N ...`` adds the cost of feeding N cache inputs by name against
+binding them once, on a graph without compute (what a SPARSE graph with hundreds of caches pays).
 """
 
 from __future__ import annotations
@@ -74,12 +78,22 @@ class TimedSession:
 
 @dataclass
 class Samples:
-    """Per-run measurements of one (edit, variant)."""
+    """Per-run measurements of one (edit, variant) or of the dense runs of one edit."""
 
-    wall: list[float] = field(default_factory=list)
-    session: list[float] = field(default_factory=list)
+    wall: list[float] = field(default_factory=list)  # unprofiled engine
+    session: list[float] = field(default_factory=list)  # its session.run / run_with_iobinding
     phases: list[dict[str, float]] = field(default_factory=list)
+    profiled_wall: list[float] = field(default_factory=list)  # the profiled engine, same inputs
+    kernel: list[float] = field(default_factory=list)  # its kernel sum per run
+    model_run: list[float] = field(default_factory=list)  # its model_run per run
     path: str = ""
+
+    def median(self, values: list[float]) -> float:
+        return statistics.median(values) if values else 0.0
+
+    def paired(self, a: list[float], b: list[float]) -> float:
+        """Median over runs of a - b (both measured in the same run: the load's drift cancels)."""
+        return statistics.median(x - y for x, y in zip(a, b)) if a and b else 0.0
 
     def median_phases(self) -> dict[str, float]:
         names = sorted({k for p in self.phases for k in p})
@@ -129,115 +143,172 @@ def engine_file(model: str, mode: str, directory: Path) -> Path:
     return path
 
 
+class Variant:
+    """One way of running: an unprofiled engine for wall times and a profiled twin for kernel times."""
+
+    def __init__(self, contents: Any, threads: int, variant: str, tmp: str) -> None:
+        self.name = variant
+        self.prefixes = {g: os.path.join(tmp, f"{variant}-{g}") for g in ("sparse", "dense")}
+        self.engine = build_engine(contents, threads, variant)
+        self.profiled = build_engine(contents, threads, variant, profile=self.prefixes)
+        self.tags: dict[str, list[Any]] = {"sparse": [], "dense": []}  # what each profiled run measured
+
+    def prime(self, inputs: Mapping[str, np.ndarray]) -> None:
+        self.engine.prime(inputs)
+        self.profiled.prime(inputs)
+
+    def run(self, edited: Mapping[str, np.ndarray], mask: np.ndarray, tag: Any, samples: Samples | None) -> None:
+        """One sparse run of each engine (``samples`` None: a warm-up)."""
+        session: TimedSession = self.engine._runners["sparse"].session
+        session.last_ms = 0.0
+        start = time.perf_counter()
+        self.engine.run(edited, mask=mask)
+        wall = (time.perf_counter() - start) * 1e3
+        stats = self.engine.stats
+        start = time.perf_counter()
+        self.profiled.run(edited, mask=mask)
+        profiled_wall = (time.perf_counter() - start) * 1e3
+        if self.profiled.stats.path != "empty":
+            self.tags["sparse" if self.profiled.stats.path == "sparse" else "dense"].append(tag if samples else None)
+        if samples is not None:
+            samples.wall.append(wall)
+            samples.session.append(session.last_ms if stats.path == "sparse" else 0.0)
+            samples.phases.append(dict(getattr(stats, "phases_ms", {})))
+            samples.profiled_wall.append(profiled_wall)
+            samples.path = stats.path
+
+    def run_dense(self, edited: Mapping[str, np.ndarray], tag: Any, samples: Samples) -> None:
+        session: TimedSession = self.engine._runners["dense"].session
+        start = time.perf_counter()
+        self.engine.run_dense(edited)
+        samples.wall.append((time.perf_counter() - start) * 1e3)
+        samples.session.append(session.last_ms)
+        start = time.perf_counter()
+        self.profiled.run_dense(edited)
+        samples.profiled_wall.append((time.perf_counter() - start) * 1e3)
+        self.tags["dense"].append(tag)
+
+    def collect(self, samples: Mapping[Any, Samples]) -> None:
+        """Add the kernel sums and model_run times of the profiled runs to the samples they belong to."""
+        for graph in ("sparse", "dense"):
+            measured = kernel_runs(self.profiled._runners[graph].session.end_profiling())
+            for tag, (kernel, model_run) in zip(self.tags[graph], measured):
+                if tag is not None and tag in samples:
+                    samples[tag].kernel.append(kernel)
+                    samples[tag].model_run.append(model_run)
+
+
 def measure(path: Path, edits: list[float], runs: int, threads: int, variants: list[str]) -> dict[str, Any]:
-    """Every measurement of one engine (see the module docstring)."""
+    """Every measurement of one engine (see the module docstring): samples by (edit, variant or "dense")."""
     contents = read_engine(path)
     manifest = contents.manifest
-    engines = {v: build_engine(contents, threads, v) for v in variants}
     height, width = manifest["mask_program"]["input_size"]
     spatial = [i["name"] for i in manifest["inputs"] if i["spatial"]]
     original = random_inputs(manifest, seed=0)
-    for engine in engines.values():
-        engine.prime(original)
-    first = engines[variants[0]]
-    dense_session: TimedSession = first._runners["dense"].session
-    result: dict[str, Any] = {"nodes": len(manifest.get("nodes", [])),
-                              "sparse_inputs": len(first._runners["sparse"].input_names), "edits": {}}
-    cases = []
-    for edit in edits:
-        mask = square_mask(height, width, edit)
-        cases.append((edit, mask, edit_inputs(original, spatial, mask)))
-    for edit, mask, edited in cases:
-        samples = {v: Samples() for v in variants}
-        dense = Samples()
-        for engine in engines.values():  # warm-up (the first bound run makes the bindings)
-            engine.run(edited, mask=mask)
-            engine.run(edited, mask=mask)
-        first.run_dense(edited)
-        for _ in range(runs):
-            for variant, engine in engines.items():
-                session: TimedSession = engine._runners["sparse"].session
-                session.last_ms = 0.0
-                start = time.perf_counter()
-                engine.run(edited, mask=mask)
-                s = samples[variant]
-                s.wall.append((time.perf_counter() - start) * 1e3)
-                s.path = engine.stats.path
-                s.session.append(session.last_ms if s.path == "sparse" else 0.0)
-                s.phases.append(dict(getattr(engine.stats, "phases_ms", {})))
-            start = time.perf_counter()
-            first.run_dense(edited)
-            dense.wall.append((time.perf_counter() - start) * 1e3)
-            dense.session.append(dense_session.last_ms)
-        result["edits"][edit] = {"samples": samples, "dense": dense, "mac_reduction": first.stats.mac_reduction,
-                                 "active_tiles": dict(first.stats.active_tiles)}
-    del engines, first
-    # Kernel sums: a separate engine with ONNX Runtime's profiler on (its overhead stays out of the walls).
+    samples: dict[tuple[float, str], Samples] = {}
+    info: dict[str, Any] = {"nodes": len(manifest.get("nodes", [])), "mac_reduction": {}}
     with tempfile.TemporaryDirectory(prefix="sigec-overhead-") as tmp:
-        prefixes = {"sparse": os.path.join(tmp, "sparse"), "dense": os.path.join(tmp, "dense")}
-        profiled = build_engine(contents, threads, variants[0], profile=prefixes)
-        profiled.prime(original)
-        order: dict[str, list[float]] = {"sparse": [], "dense": []}
-        for edit, mask, edited in cases:
-            for _ in range(runs):
-                profiled.run(edited, mask=mask)
-                if profiled.stats.path != "empty":
-                    order["sparse" if profiled.stats.path == "sparse" else "dense"].append(edit)
-                profiled.run_dense(edited)
-                order["dense"].append(-1.0 - edit)  # dense runs of edit e are tagged -1 - e
-        per_edit: dict[tuple[str, float], list[tuple[float, float]]] = {}
-        for graph in ("sparse", "dense"):
-            measured = kernel_runs(profiled._runners[graph].session.end_profiling())
-            for tag, run in zip(order[graph], measured):
-                per_edit.setdefault((graph, tag), []).append(run)
-    for edit in edits:
-        entry = result["edits"][edit]
-        sparse_runs = per_edit.get(("sparse", edit), [])
-        dense_runs = per_edit.get(("dense", -1.0 - edit), [])
-        entry["kernel_ms"] = statistics.median(k for k, _ in sparse_runs) if sparse_runs else 0.0
-        entry["model_run_ms"] = statistics.median(m for _, m in sparse_runs) if sparse_runs else 0.0
-        entry["dense_kernel_ms"] = statistics.median(k for k, _ in dense_runs)
-    return result
+        ways = [Variant(contents, threads, v, tmp) for v in variants]
+        for way in ways:
+            way.prime(original)
+        info["sparse_inputs"] = len(ways[0].engine._runners["sparse"].input_names)
+        for edit in edits:
+            mask = square_mask(height, width, edit)
+            edited = edit_inputs(original, spatial, mask)
+            for way in ways:
+                samples[edit, way.name] = Samples()
+                for _ in range(2):  # warm-up (the first bound run makes the bindings)
+                    way.run(edited, mask, None, None)
+            samples[edit, "dense"] = Samples()
+            for i in range(runs):  # alternate everything run by run: the machine's load drifts
+                for way in ways[i % len(ways):] + ways[:i % len(ways)]:  # each variant goes first in turn
+                    way.run(edited, mask, (edit, way.name), samples[edit, way.name])
+                ways[0].run_dense(edited, (edit, "dense"), samples[edit, "dense"])
+            info["mac_reduction"][edit] = ways[0].engine.stats.mac_reduction if edit else 0.0
+        for way in ways:
+            way.collect(samples)
+    info["samples"] = samples
+    return info
 
 
-def report(model: str, result: dict[str, Any], variants: list[str]) -> str:
+def report(model: str, result: dict[str, Any], edits: list[float], variants: list[str]) -> str:
     """Markdown tables of one model's measurements."""
+    samples: dict[tuple[float, str], Samples] = result["samples"]
     lines = [f"### {model} (SPARSE graph: {result['nodes']} nodes in the manifest, {result['sparse_inputs']} inputs)",
-             "", "| edit | path | variant | wall ms | kernel sum ms | overhead ms | of which Python ms | of which ORT "
-             "outside kernels ms | dense wall ms | dense kernel ms | dense / sparse wall | MAC reduction |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    phase_lines = ["", "Python-side phases (median ms; execute includes session.run, shown separately):", "",
-                   "| edit | variant | validate | wait | mask | tiles | feeds | execute - session | session.run | finish |",
+             "", "Medians; *overhead* = wall - kernel sum and its split are medians of per-run differences on the "
+             "profiled engine (*outside ORT* = wall - model_run: Python and the feed / binding calls; *ORT between "
+             "kernels* = model_run - kernel sum).", "",
+             "| edit | path | variant | wall ms | kernel sum ms | overhead ms | outside ORT ms | ORT between kernels ms "
+             "| profiled wall ms | dense wall ms | dense kernel ms | dense / sparse wall | MAC reduction |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    phase_lines = ["", "Python-side phases of the unprofiled engine (medians, ms; *execute* is split into the "
+                   "session call and the rest: binding, output conversion):", "",
+                   "| edit | variant | validate | wait | mask | tiles | feeds | execute: session | execute: rest | finish |",
                    "|---|---|---|---|---|---|---|---|---|---|"]
-    for edit, entry in result["edits"].items():
-        dense_wall = statistics.median(entry["dense"].wall)
+    for edit in edits:
+        dense = samples[edit, "dense"]
+        dense_wall = dense.median(dense.wall)
         for variant in variants:
-            s: Samples = entry["samples"][variant]
-            wall, session = statistics.median(s.wall), statistics.median(s.session)
-            kernel = entry["kernel_ms"] if s.path == "sparse" else 0.0
-            ort_side = max(entry["model_run_ms"] - kernel, 0.0) if s.path == "sparse" else 0.0
-            macs = f"{entry['mac_reduction']:.1f}x" if s.path == "sparse" else "-"
-            lines.append(f"| {edit:.1%} | {s.path} | {variant} | {wall:.2f} | {kernel:.2f} | {wall - kernel:.2f} | "
-                         f"{wall - session:.2f} | {ort_side:.2f} | {dense_wall:.1f} | {entry['dense_kernel_ms']:.1f} | "
-                         f"{dense_wall / wall:.1f}x | {macs} |")
+            s = samples[edit, variant]
+            wall = s.median(s.wall)
+            overhead = s.paired(s.profiled_wall, s.kernel) if s.kernel else s.median(s.profiled_wall)
+            outside = s.paired(s.profiled_wall, s.model_run) if s.model_run else s.median(s.profiled_wall)
+            between = s.paired(s.model_run, s.kernel)
+            macs = f"{result['mac_reduction'][edit]:.1f}x" if s.path == "sparse" else "-"
+            lines.append(f"| {edit:.1%} | {s.path} | {variant} | {wall:.2f} | {s.median(s.kernel):.2f} | {overhead:.2f} | "
+                         f"{outside:.2f} | {between:.2f} | {s.median(s.profiled_wall):.2f} | {dense_wall:.1f} | "
+                         f"{dense.median(dense.kernel):.1f} | {dense_wall / wall:.1f}x | {macs} |")
             p = s.median_phases()
             if p:
                 cells = [p.get(k, 0.0) for k in ("validate", "wait", "mask", "tiles", "feeds")]
-                bind = max(p.get("execute", 0.0) - session, 0.0)
+                rest = s.paired([ph.get("execute", 0.0) for ph in s.phases], s.session)
                 phase_lines.append(f"| {edit:.1%} | {variant} | " + " | ".join(f"{c:.2f}" for c in cells) +
-                                   f" | {bind:.2f} | {session:.2f} | {p.get('finish', 0.0):.2f} |")
+                                   f" | {s.median(s.session):.2f} | {max(rest, 0.0):.2f} | {p.get('finish', 0.0):.2f} |")
     return "\n".join(lines + (phase_lines if len(phase_lines) > 5 else []))
+
+
+def feed_cost(counts: list[int], runs: int) -> str:
+    """Markdown table: one SPARSE-like call with N cache inputs fed by name vs bound once, on a graph
+    whose compute is negligible (a Sum of N [1, 4, 4, 4] tensors), so the difference is the feeding."""
+    from onnx import TensorProto, helper
+
+    from sigec.runtime.backends import OrtRunner
+
+    lines = ["| cache inputs | fed by name ms | bound ms | saved per run ms |", "|---|---|---|---|"]
+    for n in counts:
+        names = [f"cache::c{i}" for i in range(n)]
+        value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4, 4, 4])  # noqa: E731
+        graph = helper.make_graph([helper.make_node("Sum", [*names, "x"], ["y"])], "feeds",
+                                  [value(name) for name in [*names, "x"]], [value("y")])
+        runner = OrtRunner(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), {}, threads=1,
+                           weight_values={})
+        rng = np.random.default_rng(0)
+        caches = {name: rng.standard_normal((1, 4, 4, 4)).astype(np.float32) for name in names}
+        x = rng.standard_normal((1, 4, 4, 4)).astype(np.float32)
+        bindings = runner.bind_caches(caches)
+        calls = {"fed": lambda: runner.run({**caches, "x": x}, ["y"]), "bound": lambda: bindings.run({"x": x}, ["y"])}
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        for _ in range(runs):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                times[name].append((time.perf_counter() - start) * 1e3)
+        fed, bound = statistics.median(times["fed"]), statistics.median(times["bound"])
+        lines.append(f"| {n} | {fed:.3f} | {bound:.3f} | {fed - bound:.3f} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["tiny_local", "resnet9"])
+    parser.add_argument("--models", nargs="*", default=["tiny_local", "resnet9"])
     parser.add_argument("--mode", default="approx", choices=["exact", "approx"])
     parser.add_argument("--edits", nargs="+", type=float, default=[0.0, 0.002, 0.012])
     parser.add_argument("--runs", type=int, default=7, help="measured runs per edit and variant (medians)")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     parser.add_argument("--variants", nargs="+", default=["bound", "unbound"], choices=VARIANTS)
+    parser.add_argument("--feeds", nargs="*", type=int, default=[],
+                        help="also time feeding N cache inputs by name vs bound, on a graph without compute")
     parser.add_argument("--engine-dir", type=Path, default=Path(tempfile.gettempdir()) / "sigec-run-overhead",
                         help="where engine files are compiled to (or found)")
     args = parser.parse_args(argv)
@@ -248,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         path = engine_file(model, args.mode, args.engine_dir)
         result = measure(path, args.edits, args.runs, args.threads, args.variants)
-        print("\n" + report(model, result, args.variants), flush=True)
+        print("\n" + report(model, result, args.edits, args.variants), flush=True)
+    if args.feeds:
+        print(f"\n### Feeding the caches (1 thread, medians of {20 * args.runs} calls)\n\n"
+              + feed_cost(args.feeds, 20 * args.runs), flush=True)
     return 0
 
 
