@@ -9,7 +9,7 @@ reports it). See docs/architecture.md for the geometry of each rule.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -510,13 +510,10 @@ def _channel_ranges(ctx: RewriteContext, node: ir.Node, ranges: list[tuple[int, 
     xs = ctx.to_sparse(node.inputs[0], res, node)
     b = ctx.graph
     for out, (start, stop, step) in zip(node.outputs, ranges):
-        if b.graph.opset_imports.get("", 18) < 10:  # Slice-1: attributes, no steps (ranges have step 1 there)
-            vals = b.op("Slice", [xs.vals], hint=f"vals::{out.name}", starts=[start], ends=[stop], axes=[1])
-        else:
-            vals = b.op("Slice", [xs.vals, b.const(np.array([start], np.int64), "c:ch_start"),
-                                  b.const(np.array([stop], np.int64), "c:ch_stop"),
-                                  b.const(np.array([1], np.int64), "c:axis1"),
-                                  b.const(np.array([step], np.int64), "c:ch_step")], hint=f"vals::{out.name}")
+        vals = b.op("Slice", [xs.vals, b.const(np.array([start], np.int64), "c:ch_start"),
+                              b.const(np.array([stop], np.int64), "c:ch_stop"),
+                              b.const(np.array([1], np.int64), "c:axis1"),
+                              b.const(np.array([step], np.int64), "c:ch_step")], hint=f"vals::{out.name}")
         ctx.set_sparse(out, vals, res, xs.mask)
     ctx.record.report(node, "sparse", resolution=res.name, tile=res.tile, note="channel ranges of the tiles")
 
@@ -544,15 +541,12 @@ def rule_split(ctx: RewriteContext, node: ir.Node) -> None:
 
 
 def _slice_params(node: ir.Node) -> list[tuple[int, int, int, int]]:
-    """``(axis, start, end, step)`` per sliced axis of a Slice with constant parameters (inputs from
-    opset 10, attributes before)."""
-    if len(node.inputs) > 1:
-        given = list(node.inputs[1:5]) + [None] * (5 - len(node.inputs))
-        params: list[Any] = [const_array(v) for v in given]
-        if any(v is not None and p is None for v, p in zip(given, params)) or given[0] is None or given[1] is None:
-            raise Unsupported("Slice with non-constant starts, ends, axes or steps")
-    else:
-        params = [attr(node, "starts"), attr(node, "ends"), attr(node, "axes"), None]
+    """``(axis, start, end, step)`` per sliced axis of a Slice whose parameters are constant (the
+    frontend converts older opsets, whose Slice has attributes, to opset 18)."""
+    given = list(node.inputs[1:5]) + [None] * (5 - len(node.inputs))
+    params = [const_array(v) for v in given]
+    if given[0] is None or given[1] is None or any(v is not None and p is None for v, p in zip(given, params)):
+        raise Unsupported("Slice with non-constant starts, ends, axes or steps")
     starts, ends = [int(v) for v in np.ravel(params[0])], [int(v) for v in np.ravel(params[1])]
     axes = [int(v) for v in np.ravel(params[2])] if params[2] is not None else list(range(len(starts)))
     steps = [int(v) for v in np.ravel(params[3])] if params[3] is not None else [1] * len(starts)

@@ -1,6 +1,6 @@
 """Channel Split / Slice run on tiles: every spelling (Split with ``num_outputs``, a ``split`` input or
-attribute; Slice with constant inputs or attributes, negative indices, steps) on small random nets
-built with onnx.helper, and the small fused-SPADE generator (gamma and beta from one convolution,
+attribute; Slice with constant inputs or attributes, negative indices, steps; older opsets reach the
+rewrite converted to opset 18 by the frontend) on small random nets built with onnx.helper, and the small fused-SPADE generator (gamma and beta from one convolution,
 then ``torch.chunk``) exported by the dynamo exporter.
 
 Exact mode: the sparse run equals ONNX Runtime on the original model (max |error| <= 1e-5 of the
