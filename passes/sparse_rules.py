@@ -297,10 +297,9 @@ def rule_resize(ctx: RewriteContext, node: ir.Node) -> None:
         raise Unsupported(f"tile {res.tile} not divisible by the upscale factor {u}")
     low = res.tile // u
     src = ctx.gather_source(form)
-    if src.upsample != 1:
-        raise Unsupported("bilinear Resize of an upsampled view")
+    # a nearest-upsampled view is read through the gather's upsampling (edge padding applies to the view)
     g = ctx.tile_gather(src.form, res, window=[low + 2] * 2, step=[low] * 2, offset=[-1, -1], pad_mode="edge",
-                        prologue=src.prologue, hint=f"win::{node.name}")
+                        upsample=src.upsample, prologue=src.prologue, hint=f"win::{node.name}")
     b = ctx.graph
     scales = b.const(np.array([1, 1, u, u], np.float32), "c:scales")
     up = b.op("Resize", [g, None, scales], hint=f"up::{node.name}", mode="linear",

@@ -43,6 +43,7 @@ def _mask(kind: str, shape: tuple[int, int, int], rng: np.random.Generator) -> n
 
 @settings(max_examples=examples(40))
 @example(seed=8978, tile=4, batch=1, kind="rect")  # ConvTranspose of an upsampled view (was unsupported)
+@example(seed=3913, tile=8, batch=2, kind="rect")  # bilinear Resize of an upsampled view (was unsupported)
 @given(seed=st.integers(0, 10_000), tile=st.sampled_from([4, 8]), batch=st.sampled_from([1, 2]),
        kind=st.sampled_from(MASK_KINDS))
 def test_sparse_equals_the_original_model_on_random_local_nets(seed, tile, batch, kind):
@@ -106,15 +107,16 @@ def test_regressions_stay_exact(seed):
     assert changed_rows >= shape[2] // 2, f"only {changed_rows} of {shape[2]} edits changed the output"
 
 
-def test_conv_transpose_of_an_upsampled_view_is_exact():
-    """Seed 8978 (depth 7) feeds a nearest-upsampled view into a ConvTranspose: the gather reads the
-    view through its upsampling."""
-    proto = random_local_net(8978, batch=2, depth=7)
-    assert any(n.op_type == "ConvTranspose" for n in proto.graph.node)
+@pytest.mark.parametrize("seed,op", [(8978, "ConvTranspose"), (3913, "Resize")])
+def test_ops_reading_an_upsampled_view_are_exact(seed, op):
+    """These nets (depth 7) feed a nearest-upsampled view into a ConvTranspose (8978) or a bilinear
+    Resize (3913): the gather reads the view through its upsampling."""
+    proto = random_local_net(seed, batch=2, depth=7)
+    assert any(n.op_type == op for n in proto.graph.node)
     engine = always_sparse(engine_from_proto(proto, mode="exact", tile_size=4))
     oracle = ort_oracle(proto)
     shape = engine.manifest["inputs"][0]["shape"]
-    rng = np.random.default_rng(8978)
+    rng = np.random.default_rng(seed)
     x0 = rng.standard_normal(shape).astype(np.float32)
     for y in range(0, shape[2] - 3, 2):  # the 2x2 pooling drops the odd last row
         x1 = x0.copy()
