@@ -222,9 +222,9 @@ class Engine:
         call raises, the key's caches, inputs and outputs are exactly as before.
 
         With a ``mask`` and without ``update_cache``, spatial inputs are checked for NaN and Inf
-        before a sparse run only inside the active tiles of their resolution (which cover the
-        dilated mask), and wholly before a dense one: values outside the mask must equal the primed
-        ones (the mask's contract) and are not read anew.
+        before a sparse run only inside the bounding box of the active tiles of their resolution
+        (which cover the dilated mask), and wholly before a dense one: values outside the mask must
+        equal the primed ones (the mask's contract) and are not read anew.
         """
         clock = _Clock()
         # A sparse run reads the edited values only in the active tiles: check them there (see above).
@@ -302,8 +302,9 @@ class Engine:
 
     def _check_finite_in_tiles(self, feeds: Mapping[str, np.ndarray], names: Sequence[str],
                                tiles: Mapping[str, TileIndex]) -> None:
-        """Check the inputs ``names`` for NaN and Inf where a sparse run reads them anew: the active tiles of
-        the resolution of the input's size (they cover the dilated mask); wholly if there is none."""
+        """Check the inputs ``names`` for NaN and Inf where a sparse run reads them anew: the bounding box of
+        the active tiles of the resolution of the input's size (they cover the dilated mask); wholly if
+        there is none."""
         for name in names:
             array = feeds[name]
             res = self._resolution_of_size.get(tuple(array.shape[2:]))

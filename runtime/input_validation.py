@@ -15,10 +15,10 @@ Dtype rule for an input declared with dtype D:
 
 Finite values: floating inputs are checked for NaN and Inf over the whole array, except the inputs
 a caller defers (``defer_finite``): ``Engine.run`` defers its spatial inputs when a mask is given
-without ``update_cache``, then checks them only inside the active tiles of the input's resolution
-(``check_finite_in_tiles``; they cover the dilated mask) before a sparse run, as that run reads
-the edited values only there (outside the mask they must equal the primed ones, which were
-checked), or wholly (``check_finite``) before a dense one. An input converted from another dtype
+without ``update_cache``, then checks them only inside the bounding box of the active tiles of the
+input's resolution (``check_finite_in_tiles``; the tiles cover the dilated mask) before a sparse
+run, as that run reads the edited values only there (outside the mask they must equal the primed
+ones, which were checked), or wholly (``check_finite``) before a dense one. An input converted from another dtype
 is always checked wholly: the conversion already read it all.
 """
 
@@ -30,7 +30,6 @@ from typing import Any, Collection, Hashable, Mapping, Sequence
 import numpy as np
 
 from sigec.core.errors import InputError
-from sigec.runtime.tiles import gather_tiles
 
 Inputs = Mapping[str, np.ndarray] | Sequence[np.ndarray]
 
@@ -98,19 +97,21 @@ def check_finite(name: str, array: np.ndarray, converted_from: np.dtype | None =
 
 
 def check_finite_in_tiles(name: str, array: np.ndarray, coords: np.ndarray, tile: int) -> None:
-    """Refuse NaN or Inf in a floating ``array`` [B, C, H, W] inside the tiles ``coords`` [N, 3] (b, ty, tx)
-    of size ``tile``; the work is proportional to the tiles, not to the array."""
+    """Refuse NaN or Inf in a floating ``array`` [B, C, H, W] inside the bounding box of the tiles
+    ``coords`` [N, 3] (b, ty, tx) of size ``tile``, over every batch item; the work is proportional
+    to the box, not to the array."""
     if array.dtype.kind != "f" or coords.shape[0] == 0:
         return
-    values = gather_tiles(array, coords, tile)  # [N, C, T, T], zeros past the border
-    finite = np.isfinite(values)
-    if finite.all():
+    top, left = int(coords[:, 1].min()) * tile, int(coords[:, 2].min()) * tile
+    bottom, right = (int(coords[:, 1].max()) + 1) * tile, (int(coords[:, 2].max()) + 1) * tile
+    box = array[:, :, top:bottom, left:right]
+    if np.isfinite(box).all():
         return
-    n, c, dy, dx = np.nonzero(~finite)
-    found = sorted(zip(coords[n, 0], c, coords[n, 1] * tile + dy, coords[n, 2] * tile + dx))
-    first = tuple(int(i) for i in found[0])
-    raise InputError(f"input '{name}' contains {len(found)} NaN or Inf value(s) inside the edited tiles, the first at "
-                     f"index {first}; sigec refuses non-finite inputs")
+    bad = np.argwhere(~np.isfinite(box))
+    first = tuple(int(i) for i in bad[0] + (0, 0, top, left))
+    raise InputError(f"input '{name}' contains {len(bad)} NaN or Inf value(s) inside the edited region (rows "
+                     f"{top}..{min(bottom, array.shape[2]) - 1}, columns {left}..{min(right, array.shape[3]) - 1}), "
+                     f"the first at index {first}; sigec refuses non-finite inputs")
 
 
 def _check_conversion(name: str, have: np.dtype, want: np.dtype) -> None:

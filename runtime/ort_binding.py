@@ -10,9 +10,12 @@ Contract
 --------
 - The cache arrays are bound by reference, not copied (a CPU ``OrtValue`` made from a numpy array
   reads that array's memory); the object keeps them alive. It serves exactly the dictionary object
-  it was built from, for the runner that built it (:meth:`serves`): whoever replaces or writes a key's cache arrays makes new
-  bindings (the engine does, on ``update_cache`` and re-prime; dropping or evicting a key frees its
-  bindings with its entry).
+  it was built from, for the runner that built it (:meth:`serves`): whoever replaces or writes a
+  key's cache arrays makes new bindings (the engine does, on ``update_cache`` and re-prime;
+  dropping or evicting a key frees its bindings with its entry).
+- Per-run inputs are bound in place for the duration of a call and rebound by the next one;
+  outputs are bound anew on every call (ONNX Runtime allocates them), so a returned array is never
+  written by a later run.
 - ONNX Runtime's ``IOBinding`` must not be used by two runs at once. :meth:`run` takes a binding
   from a free list for the duration of the call (creating one, with the caches bound, when every
   binding is in use), so concurrent runs on one key never share one; there are at most as many as
@@ -69,8 +72,7 @@ class CacheBindings:
         try:
             for name in self._inputs:
                 binding.bind_cpu_input(name, feeds[name])
-            binding.clear_binding_outputs()
-            for name in output_names:
+            for name in output_names:  # a free binding has no outputs bound (cleared below)
                 binding.bind_output(name, "cpu")
             self._session.run_with_iobinding(binding)
             # numpy() views the output's memory (kept alive by the array), as session.run returns it.

@@ -287,8 +287,8 @@ def test_non_finite_values_are_checked_in_the_active_tiles_only_on_the_sparse_pa
     inside = x1.copy()
     inside[0, 0, 3, 2] = np.inf
     inside[0, 0, 3, 1] = np.inf
-    with pytest.raises(InputError, match=r"input 'x' contains 2 NaN or Inf value\(s\) inside the edited tiles, the "
-                                         r"first at index \(0, 0, 3, 1\)"):
+    with pytest.raises(InputError, match=r"input 'x' contains 2 NaN or Inf value\(s\) inside the edited region "
+                                         r"\(rows 0\.\.\d+, columns 0\.\.\d+\), the first at index \(0, 0, 3, 1\)"):
         engine.run({"x": inside}, mask=mask)
     # Everything is checked where the whole input is read or kept: without a mask, with update_cache,
     # and on the dense path.
