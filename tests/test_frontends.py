@@ -18,6 +18,8 @@ def test_pytorch_and_onnx_paths_agree(small_unet_onnx, tmp_path):
     for engine in (from_torch, from_onnx):
         engine.prime({"x": x0})
         outs.append((engine.run({"x": x1})[0], engine.run_dense({"x": x1})[0]))
+        engine.run({"x": x1})
+        assert engine.stats.path == "sparse"  # the sparse outputs compared below are sparse runs
     np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-5)
     with __import__("torch").inference_mode():

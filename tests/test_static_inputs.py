@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import sigec
-from helpers import engine_from_proto, rel_err
+from helpers import always_sparse, engine_from_proto, ort_oracle, rel_err
 
 
 def _model():
@@ -29,7 +29,9 @@ def _model():
 
 @pytest.mark.parametrize("backend", ["ort", "torch"])
 def test_static_input_used_directly_and_keys_per_value(backend):
-    engine = engine_from_proto(_model(), mode="exact", backend=backend)
+    model = _model()
+    oracle = ort_oracle(model)
+    engine = always_sparse(engine_from_proto(model, mode="exact", backend=backend))
     assert {c["kind"] for c in engine.manifest["caches"]} >= {"static"}
     rng = np.random.default_rng(1)
     x = rng.standard_normal((1, 2, 16, 16)).astype(np.float32)
@@ -39,6 +41,11 @@ def test_static_input_used_directly_and_keys_per_value(backend):
     x2 = x.copy()
     x2[..., 3:5, 7:9] += 1
     for key, t in ((0, t0), (1, t1)):
-        assert rel_err(engine.run({"x": x2, "t": t}, key=key)[0], engine.run_dense({"x": x2, "t": t})[0]) <= 1e-5
+        sparse = engine.run({"x": x2, "t": t}, key=key)[0]
+        assert engine.stats.path == "sparse"
+        expected = oracle({"x": x2, "t": t})[0]
+        assert rel_err(oracle({"x": x, "t": t})[0], expected) > 1e-2  # the edit changes the output
+        assert rel_err(sparse, expected) <= 1e-5
+        assert rel_err(engine.run_dense({"x": x2, "t": t})[0], expected) <= 1e-5
     with pytest.raises(sigec.InputError, match="'t'"):
         engine.run({"x": x2, "t": t1}, key=0)
