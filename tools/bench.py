@@ -48,7 +48,7 @@ def _torch_dense_ms(module: torch.nn.Module, inputs: dict[str, torch.Tensor], th
 
 
 def _label_edit(original: dict[str, np.ndarray]):
-    """SPADE: edits change the labels inside the mask to a class absent from that region."""
+    """SPADE generators: edits change the labels inside the mask to a class absent from that region."""
     from sigec.apps.zoo import edit_label_map
 
     name = next(iter(original))
@@ -111,7 +111,8 @@ def run(model_name: str, edits: list[float], repeats: int, threads: int, mode: s
         compile_s = time.perf_counter() - start
         engine = sigec.load(path, threads=threads)
         original = {k: v.numpy() for k, v in example.items()}
-        make_edit = _label_edit(original) if model_name == "spade" else None
+        # label-map generators (spade, spade_fused) are edited by relabelling, as a user paints
+        make_edit = _label_edit(original) if model_name.startswith("spade") else None
         dense = onnx_dense_run(dense_onnx, threads, engine.input_names) if dense_onnx else None
         rows = measure(engine, original, edits, repeats=repeats, make_edit=make_edit, dense=dense)
         empty = measure_empty_edit(engine, original, repeats=repeats, dense=dense)
