@@ -75,6 +75,8 @@ def validate_input(name: str, value: Any, spec: Mapping[str, Any], *, finite: bo
     if array.dtype != want:
         _check_conversion(name, array.dtype, want)
         converted_from = array.dtype
+        if want.kind in "iu" and array.dtype.kind in "iu" and array.size:
+            _check_integer_range(name, array, want)
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below as non-finite
             array = array.astype(want)
     if list(array.shape) != list(spec["shape"]):
@@ -82,6 +84,15 @@ def validate_input(name: str, value: Any, spec: Mapping[str, Any], *, finite: bo
     if finite or converted_from is not None:
         check_finite(name, array, converted_from)
     return np.asarray(array, order="C")
+
+
+def _check_integer_range(name: str, array: np.ndarray, want: np.dtype) -> None:
+    """Refuse integer data that ``want`` cannot hold (int64 -> int32 would wrap silently)."""
+    info = np.iinfo(want)
+    low, high = int(array.min()), int(array.max())
+    if low < info.min or high > info.max:
+        raise InputError(f"input '{name}' holds values in [{low}, {high}], outside the range of its declared "
+                         f"dtype {want} [{info.min}, {info.max}]")
 
 
 def check_finite(name: str, array: np.ndarray, converted_from: np.dtype | None = None) -> None:

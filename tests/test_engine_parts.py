@@ -412,3 +412,16 @@ def test_an_interrupted_writer_does_not_leave_readers_waiting():
     reader_thread.join(5)
     lock.acquire_write()  # the lock is still usable
     lock.release_write()
+
+
+def test_integer_data_outside_the_declared_integer_range_is_refused():
+    """int64 data for an int32 input converts when it fits and is refused when it would wrap."""
+    from sigec.core.errors import InputError
+    from sigec.runtime.input_validation import validate_input
+
+    spec = {"dtype": "int32", "shape": [1]}
+    assert validate_input("t", np.array([7], np.int64), spec).dtype == np.int32
+    with pytest.raises(InputError, match=r"'t' holds values in \[4294967296, 4294967296\].*int32"):
+        validate_input("t", np.array([2**32], np.int64), spec)
+    with pytest.raises(InputError, match="uint8"):
+        validate_input("t", np.array([-1], np.int64), {"dtype": "uint8", "shape": [1]})
