@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -346,3 +347,26 @@ def run_without_interpreter(script: str, timeout: int) -> subprocess.CompletedPr
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------- serving
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def small_spade_engine(tmp_path_factory: Any) -> Path:
+    """The small SPADE engine file (approx mode), compiled once per test session for the serving tests."""
+    import sigec
+    from sigec.apps import zoo
+
+    path = tmp_path_factory.getbasetemp() / "sigec_serve" / "spade_small.sigec"
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        module, inputs = zoo.build("spade", small=True)
+        sigec.compile(module, path, inputs=inputs, mode="approx", progress=False)
+    return path

@@ -9,7 +9,6 @@ while the other sessions go on unaffected. One Ray instance for the module, shut
 from __future__ import annotations
 
 import os
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +25,7 @@ ray = pytest.importorskip("ray", reason="the serve extra is not installed (pip i
 serve = pytest.importorskip("ray.serve", reason="the serve extra is not installed (pip install 'sigec[serve]')")
 
 import sigec  # noqa: E402
+from helpers import free_port, small_spade_engine  # noqa: E402
 from sigec import CacheError, InputError  # noqa: E402
 from sigec.apps import zoo  # noqa: E402
 from sigec.apps.serve import Client  # noqa: E402
@@ -35,21 +35,6 @@ REPLICAS = 2
 ENTRIES_PER_REPLICA = 3.5  # the cache bound of each replica, in primed sessions of this engine
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def small_spade_engine(tmp_path_factory) -> Path:
-    """The small SPADE engine file, compiled once per test session (tests/test_serve_page.py too)."""
-    path = tmp_path_factory.getbasetemp() / "sigec_serve" / "spade_small.sigec"
-    if not path.exists():
-        path.parent.mkdir(exist_ok=True)
-        module, inputs = zoo.build("spade", small=True)
-        sigec.compile(module, path, inputs=inputs, mode="approx", progress=False)
-    return path
 
 
 @pytest.fixture(scope="module")

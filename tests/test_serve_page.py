@@ -26,6 +26,7 @@ import pytest
 pytest.importorskip("ray.serve", reason="the serve extra is not installed (pip install 'sigec[serve]')")
 
 import sigec  # noqa: E402
+from helpers import free_port, small_spade_engine  # noqa: E402
 from sigec.apps import zoo  # noqa: E402
 from sigec.apps.serve import Client  # noqa: E402
 
@@ -42,20 +43,6 @@ class Server:
     log: Path
 
 
-def small_spade_engine(tmp_path_factory) -> Path:
-    """The small SPADE engine file, compiled once per test session (tests/test_serve.py too)."""
-    path = tmp_path_factory.getbasetemp() / "sigec_serve" / "spade_small.sigec"
-    if not path.exists():
-        path.parent.mkdir(exist_ok=True)
-        module, inputs = zoo.build("spade", small=True)
-        sigec.compile(module, path, inputs=inputs, mode="approx", progress=False)
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
