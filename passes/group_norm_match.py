@@ -6,32 +6,24 @@ graph and returns the records the sparse rewrite consumes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchingTracer, MatchResult
 
-from sigec.passes.norm_patterns import NORM_PATTERNS, NormSpelling
+from sigec.passes.norm_patterns import NORM_PATTERNS, NormParameters, NormSpelling
 
 
-@dataclass
-class NormMatch:
-    """A normalisation over groups of channels (GroupNorm; InstanceNorm is ``groups == C``).
+@dataclass(frozen=True)
+class NormMatch(NormParameters):
+    """A normalisation over groups of channels (GroupNorm; InstanceNorm is ``groups == C``) found in a
+    graph: its parameters (:class:`NormParameters`), the matched ``nodes``, input ``x``, output ``y`` and
+    the ``internal`` values only the match uses. Statistics are per batch item and group."""
 
-    ``y = ((x - mean_g) / sqrt(var_g + eps) * group_scale[g] + group_bias[g]) * gamma[c] + beta[c]``
-    with statistics per batch item and group ``g`` of channel ``c``.
-    """
-
-    nodes: list[ir.Node]
-    x: ir.Value
-    y: ir.Value
-    groups: int
-    epsilon: float
-    group_scale: np.ndarray
-    group_bias: np.ndarray
-    gamma: np.ndarray
-    beta: np.ndarray
+    nodes: list[ir.Node] = field(default_factory=list)
+    x: ir.Value | None = None
+    y: ir.Value | None = None
     internal: set[ir.Value] = field(default_factory=set)
 
     def per_channel(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -45,9 +37,8 @@ def _record(model: ir.Model, spelling: NormSpelling, match: MatchResult, order: 
     nodes = sorted(match.nodes, key=order.__getitem__)
     y = match.outputs[0]
     p = spelling.parameters(model, **match.bindings)
-    return NormMatch(nodes=nodes, x=match.bindings["x"], y=y, groups=p.groups, epsilon=p.epsilon,
-                     group_scale=p.group_scale, group_bias=p.group_bias, gamma=p.gamma, beta=p.beta,
-                     internal={n.outputs[0] for n in nodes} - {y})
+    return NormMatch(**{f.name: getattr(p, f.name) for f in fields(NormParameters)}, nodes=nodes,
+                     x=match.bindings["x"], y=y, internal={n.outputs[0] for n in nodes} - {y})
 
 
 def match_norm(model: ir.Model, root: ir.Node,

@@ -245,8 +245,6 @@ def zoo_digest(matches: dict[ir.Node, NormMatch]) -> str:
 
 @pytest.mark.parametrize("name", list(ZOO_EXPECTED))
 def test_zoo_models_match_as_before(name):
-    if name in ("ddpm_unet", "sd_vae_decoder"):
-        pytest.importorskip("diffusers")
     from sigec.apps.zoo import build
     from sigec.frontends.onnx_frontend import load_onnx
     from sigec.frontends.torch_frontend import export_module
