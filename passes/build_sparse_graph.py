@@ -14,7 +14,9 @@ from sigec.passes.group_norm_match import NormMatch, find_norms
 from sigec.passes.macs import dense_macs
 from sigec.passes.sparse_context import RewriteContext, Unsupported, dtype_of
 from sigec.passes.sparse_forms import EMPTY_MASK, PIXEL_MASK, Dense, Sparse
+from sigec.passes.global_rules import GLOBAL_RULES
 from sigec.passes.sparse_rules import RULES, Rule, rule_frozen_norm
+from sigec.passes.token_rules import TOKEN_RULES, takes_token_rule
 
 # Ops that are well defined as dense islands (global or layout ops) without needing --fallback.
 DENSE_ISLAND_OPS = {
@@ -137,12 +139,19 @@ def _read_static_inputs(w: NodeWalk, node: ir.Node) -> Next:
     return Next()
 
 
+def _apply(table: dict[str, Rule]) -> Action:
+    """Run the node's rule from ``table``; a declining rule leaves the node to the next steps."""
+    def act(w: NodeWalk, node: ir.Node) -> Next | None:
+        try:
+            table[node.op_type](w.ctx, node)
+        except Unsupported as exc:
+            return Next(str(exc))
+        return None
+    return act
+
+
 def _apply_rule(w: NodeWalk, node: ir.Node) -> Next | None:
-    try:
-        w.rule(node)(w.ctx, node)  # type: ignore[misc]
-    except Unsupported as exc:
-        return Next(str(exc))
-    return None
+    return _apply(RULES)(w, node)
 
 
 def _fallback(w: NodeWalk, node: ir.Node) -> None:
@@ -168,6 +177,11 @@ def _has_static_input(w: NodeWalk, node: ir.Node) -> bool:
     return any(v is not None and v.name in w.static and not w.ctx.forms.has(v) for v in node.inputs)
 
 
+def _reduces_a_sparse_map(w: NodeWalk, node: ir.Node) -> bool:
+    return (node.domain in ONNX_DOMAINS and node.op_type in GLOBAL_RULES and bool(node.inputs)
+            and isinstance(w.ctx.forms.get(node.inputs[0]), Sparse))
+
+
 def _without_feature_map_output(w: NodeWalk, node: ir.Node) -> bool:
     return w.rule(node) is not None and not any(w.ctx.grids.is_spatial(o) for o in node.outputs)
 
@@ -187,6 +201,8 @@ DECISIONS: tuple[Step, ...] = (
     Step("static inputs read as caches", _has_static_input, _read_static_inputs),
     Step("downstream of a dense island (exact)", lambda w, n: w.ctx.exact and any(w.island_inputs(n)),
          _dense("downstream of a global op (exact mode)")),
+    Step("token rule", lambda w, n: n.domain in ONNX_DOMAINS and takes_token_rule(w.ctx, n), _apply(TOKEN_RULES)),
+    Step("global reduction", _reduces_a_sparse_map, _apply(GLOBAL_RULES)),
     Step("no feature-map output", _without_feature_map_output, _dense("non-spatial values: part of a dense island")),
     Step("inside a dense island", _inside_island, _dense("inside a dense island")),
     Step("dense resolution", lambda w, n: w.rule(n) is not None and w.ctx.grids.dense_resolution_of(n) is not None,
@@ -224,16 +240,21 @@ class BuildSparseGraphPass(ir.passes.FunctionalPass):
        the SPARSE graph reads it as a cache;
     5. static inputs read as caches: an edit node's static inputs become cache inputs (then go on);
     6. downstream of a dense island (exact mode): dense, so exactness is kept;
-    7. no feature-map output (a node with a rule): dense, part of an island;
-    8. inside a dense island (a node with a rule whose inputs are all island outputs and whose
-       outputs lie on no resolution the edit reaches): dense;
-    9. dense resolution (approx mode, ``dense_resolutions``): dense on full maps;
-    10. sparse rule (passes/sparse_rules.py): computed on the active tiles; a rule that declines
-        (``Unsupported``) leaves the node to steps 11 and 12 with its reason;
-    11. global op (attention, reductions, reshapes, global pooling, a Split or Slice whose rule
+    7. token rule (passes/token_rules.py): a view of a sparse map as tokens, or an op on such
+       tokens (per-token ops, attention), computed on the active tiles' tokens; a rule that
+       declines leaves the node to the next steps;
+    8. global reduction (passes/global_rules.py): a spatial reduction of a sparse map, updated
+       from the active tiles (declining: next steps);
+    9. no feature-map output (a node with a rule): dense, part of an island;
+    10. inside a dense island (a node with a rule whose inputs are all island outputs and whose
+        outputs lie on no resolution the edit reaches): dense;
+    11. dense resolution (approx mode, ``dense_resolutions``): dense on full maps;
+    12. sparse rule (passes/sparse_rules.py): computed on the active tiles; a rule that declines
+        (``Unsupported``) leaves the node to steps 13 and 14 with its reason;
+    13. global op (attention, reductions, reshapes, global pooling, a Split or Slice whose rule
         declined): a dense island; in approx mode downstream tiles read its output only on active
         tiles (recorded as an approximation);
-    12. unsupported: dense with ``fallback="dense"``, else listed in one CompileError.
+    14. unsupported: dense with ``fallback="dense"``, else listed in one CompileError.
 
     Finally model outputs that are sparse are scattered into their cached original (the one
     full-size write); other outputs are copied under their names. ``decisions`` maps each node's
