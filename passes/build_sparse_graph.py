@@ -13,7 +13,7 @@ from sigec.passes.graph_builder import SIGEC_DOMAIN
 from sigec.passes.group_norm_match import NormMatch, find_norms
 from sigec.passes.macs import dense_macs
 from sigec.passes.sparse_context import RewriteContext, Unsupported, dtype_of
-from sigec.passes.sparse_forms import EMPTY_MASK, PIXEL_MASK, Dense, Sparse
+from sigec.passes.sparse_forms import EMPTY_MASK, PIXEL_MASK, Dense, Sparse, Tokens
 from sigec.passes.global_rules import GLOBAL_RULES
 from sigec.passes.sparse_rules import RULES, Rule, rule_frozen_norm
 from sigec.passes.token_rules import TOKEN_RULES, takes_token_rule
@@ -297,6 +297,8 @@ def _emit_outputs(ctx: RewriteContext, model: ir.Model) -> None:
             cache = ctx.caches.cache(form.source, resolution=form.res.name)
             value = b.op("TileScatter", [cache, form.vals, ctx.grids.coords(form.res)], hint=out.name,
                          output=out.name, domain=SIGEC_DOMAIN)  # type: ignore[arg-type]
+        elif isinstance(form, Tokens):
+            value = b.op("Identity", [ctx.to_dense(out)], hint=out.name, output=out.name)  # type: ignore[arg-type]
         elif form.value.name != out.name:  # type: ignore[union-attr]
             value = b.op("Identity", [form.value], hint=out.name, output=out.name)  # type: ignore[union-attr]
         else:

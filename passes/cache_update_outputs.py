@@ -6,6 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sigec.passes.sparse_context import RewriteContext
+from sigec.passes.sparse_forms import Tokens
 
 
 class AddCacheUpdateOutputsPass(ir.passes.InPlacePass):
@@ -19,6 +20,8 @@ class AddCacheUpdateOutputsPass(ir.passes.InPlacePass):
        ``[n_<res>, C, T, T]`` with the cache's dtype.
     2. Tiles that are already a graph output are not added again (so the pass is idempotent).
     3. Static and statistics caches get no output (the edit does not change them).
+    4. A token cache (read only by a token scatter, passes/token_graph.py) gets the scattered full
+       tensor as its output, marked ``whole``: the runtime replaces the cache with it.
     """
 
     def __init__(self, ctx: RewriteContext) -> None:
@@ -28,9 +31,20 @@ class AddCacheUpdateOutputsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         forms = {form.source: form for form in self.ctx.forms.sparse()}
+        tokens = {form.source: form for form in self.ctx.forms.all() if isinstance(form, Tokens)}
         updates = []
         modified = False
         for cache in self.ctx.caches.read_by(graph):
+            if cache.kind == "activation" and cache.source in tokens:
+                full = self.ctx.scattered(cache.source)
+                if not full.is_graph_output():
+                    full.dtype = ir.DataType.from_numpy(np.dtype(cache.dtype))
+                    full.shape = ir.Shape(cache.shape)
+                    graph.outputs.append(full)
+                    modified = True
+                updates.append({"output": full.name, "cache": cache.name,
+                                "resolution": tokens[cache.source].res.name, "whole": True})
+                continue
             if cache.kind != "activation" or cache.source not in forms:
                 continue
             form = forms[cache.source]

@@ -54,6 +54,13 @@ class GraphBuilder:
         return self._tape.op(op_type, inputs, attrs, domain=domain, name=self.fresh(f"node:{hint}"),
                              output=ir.Value(name=name))
 
+    def ops(self, op_type: str, inputs: Sequence[ir.Value | None], *, hint: str, count: int,
+            **values: Any) -> list[ir.Value]:
+        """Append a node with ``count`` outputs (named from ``hint``); keyword Python values are attributes."""
+        attrs = dict(sorted((k, v) for k, v in values.items() if v is not None))
+        outputs = [ir.Value(name=self.fresh(f"{hint}_{i}")) for i in range(count)]
+        return list(self._tape.op_multi_out(op_type, inputs, attrs, name=self.fresh(f"node:{hint}"), outputs=outputs))
+
     def copy(self, node: ir.Node, inputs: Sequence[ir.Value | None]) -> Sequence[ir.Value]:
         """Append a copy of an original node reading ``inputs``; its outputs keep their names (and the
         node its doc string and metadata)."""

@@ -27,7 +27,9 @@ from sigec.passes.graph_builder import SIGEC_DOMAIN, GraphBuilder, sparse_graph
 from sigec.passes.group_norm_match import NormMatch
 from sigec.passes.mask_builder import MaskProgramBuilder
 from sigec.passes.sparse_forms import (EMPTY_MASK, Dense, Form, GatherSource, MaskId, Padded, Prologue, Resolution,
-                                       Sparse, View)
+                                       Sparse, Tokens, View)
+from sigec.passes.token_graph import TokenIndex, build_token_index, scatter_tokens
+from sigec.passes.token_layout import TokenLayout
 
 
 class Unsupported(Exception):
@@ -198,6 +200,7 @@ class TileGrids:
         self.resolutions: dict[tuple[int, int], Resolution] = {}
         self.tensor_masks: dict[str, list[MaskId | None]] = {}
         self._batch_index: dict[str, ir.Value] = {}
+        self._token_index: dict[str, TokenIndex] = {}
 
     def is_spatial(self, value: ir.Value) -> bool:
         """A feature map: 4-D, batch-sized, with more than one pixel."""
@@ -249,6 +252,15 @@ class TileGrids:
             self._batch_index[res.name] = self._graph.op("Gather", [self.coords(res), zero],
                                                          hint=f"batch_of_tiles::{res.name}", axis=1)
         return self._batch_index[res.name]
+
+
+    def token_index(self, res: Resolution) -> TokenIndex:
+        """The token index of ``res`` (built once); tokens need tiles that divide the map."""
+        if res.height % res.tile or res.width % res.tile:
+            raise Unsupported(f"tokens of {res.name} need its tile size {res.tile} to divide the map")
+        if res.name not in self._token_index:
+            self._token_index[res.name] = build_token_index(self._graph, self.coords(res), res, self.batch)
+        return self._token_index[res.name]
 
 
 class CacheRegistry:
@@ -324,6 +336,7 @@ class RewriteContext:
     record: RewriteRecord
     masks: MaskProgramBuilder
     _dense_of: dict[str, ir.Value] = field(default_factory=dict)
+    _token_dense: dict[str, ir.Value] = field(default_factory=dict)  # by Tokens source
 
     @classmethod
     def create(cls, model: ir.Model, options: RewriteOptions, spatial: SpatialInputs) -> RewriteContext:
@@ -356,6 +369,17 @@ class RewriteContext:
         self.grids.note_mask(res, mask)
         return form
 
+    def set_tokens(self, value: ir.Value, vals: ir.Value, res: Resolution, mask: MaskId | None,
+                   layout: TokenLayout) -> Tokens:
+        """Record that the original ``value`` is now Tokens with the active tokens ``vals``."""
+        if tuple(shape_of(value)) != layout.shape:
+            raise CompileError(f"internal: '{value.name}' is {list(shape_of(value))} but its token layout is "
+                               f"{list(layout.shape)}")
+        form = Tokens(value.name, vals, res, mask, layout)  # type: ignore[arg-type]
+        self.forms.set(value, form)
+        self.grids.note_mask(res, mask)
+        return form
+
     def gather_source(self, form: Form) -> GatherSource:
         """Resolve a virtual Pad and views: what a TileGather reading ``form`` reads and how."""
         pads, mode = (0, 0, 0, 0), "zeros"
@@ -379,6 +403,8 @@ class RewriteContext:
         if isinstance(form, Sparse):
             base = self.caches.cache(form.source, resolution=form.res.name)
             vals, grid = form.vals, self.grids.grid(form.res)
+        elif isinstance(form, Tokens):
+            raise Unsupported("a token view is not a feature map")
         elif isinstance(form, Dense):
             base, vals, grid = form.value, None, None
         else:
@@ -401,6 +427,8 @@ class RewriteContext:
             return form
         if isinstance(form, Padded):
             raise Unsupported("a padded tensor must feed a convolution or pooling directly")
+        if isinstance(form, Tokens):
+            raise Unsupported(f"input '{value.name}' is a token view, not a feature map")
         s = shape_of(value)
         if (s[2], s[3]) != (res.height, res.width) or s[0] != self.batch:
             raise Unsupported(f"input '{value.name}' of shape {list(s)} does not match the tiles of {res.name}")
@@ -427,9 +455,21 @@ class RewriteContext:
         """The value as a full tensor (TileScatter of a Sparse value into its cache)."""
         return self._form_to_dense(value.name, self.forms.get(value))
 
-    def _form_to_dense(self, name: str, form: Sparse | Dense | Padded) -> ir.Value:
+    def scattered(self, name: str) -> ir.Value:
+        """The full tensor a token scatter made of the Tokens value ``name`` (its cache's new value)."""
+        if name not in self._token_dense:
+            raise CompileError(f"internal: token cache '{name}' is read but was never scattered")
+        return self._token_dense[name]
+
+    def _form_to_dense(self, name: str, form: Form) -> ir.Value:
         if isinstance(form, Dense):
             return form.value
+        if isinstance(form, Tokens):
+            if form.source not in self._token_dense:
+                cache = self.caches.cache(form.source, resolution=form.res.name)
+                self._token_dense[form.source] = scatter_tokens(self.graph, cache, form.vals, form.layout,
+                                                                self.grids.token_index(form.res), f"full::{name}")
+            return self._token_dense[form.source]
         if name not in self._dense_of:
             if isinstance(form, Padded):
                 # a Pad kept virtual for a gather, read by a dense node after all (e.g. a convolution

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from sigec.passes.token_layout import TokenLayout
+
 
 @dataclass(frozen=True, order=True)
 class MaskId:
@@ -84,6 +86,22 @@ class Sparse:
 
 
 @dataclass(frozen=True)
+class Tokens:
+    """Form T: a view of a tile grid's pixels as tokens (``[B, H*W, C]``, attention heads, ...).
+
+    ``vals [M, *features]`` holds the active tokens (the pixels of the active tiles of ``res``, tile
+    by tile, row-major inside a tile); ``layout`` says how the original tensor ``source`` arranges
+    batch, pixels and features (passes/token_layout.py). Its cache is that original tensor.
+    """
+
+    source: str
+    vals: ir.Value
+    res: Resolution
+    mask: MaskId | None
+    layout: TokenLayout
+
+
+@dataclass(frozen=True)
 class Dense:
     """Form D: a full tensor available in the SPARSE graph as ``value``.
 
@@ -115,7 +133,7 @@ class View:
     upsample: int = 1
 
 
-Form = Sparse | Dense | Padded
+Form = Sparse | Dense | Padded | Tokens
 
 
 @dataclass(frozen=True)

@@ -117,8 +117,16 @@ class _PreparedUpdate:
 
     cache: str
     vals: np.ndarray
-    coords: np.ndarray
+    coords: np.ndarray | None  # None: a whole-cache update
     undo: np.ndarray
+
+
+def _write_update(base: np.ndarray, vals: np.ndarray, coords: np.ndarray | None) -> None:
+    """Write an update's tiles at ``coords`` into ``base`` (the whole array when ``coords`` is None)."""
+    if coords is None:
+        np.copyto(base, vals)
+    else:
+        scatter_tiles_inplace(base, vals, coords)
 
 
 class Engine:
@@ -422,6 +430,9 @@ class Engine:
                                  f"engine does not have")
             base, coords, tile = entry.tensors[cache], tiles[res].coords, tile_sizes[res]
             vals = np.asarray(updates[name])
+            if u.get("whole"):
+                prepared.append(self._prepare_whole_update(name, cache, base, vals))
+                continue
             want = (coords.shape[0], base.shape[1], tile, tile)
             if vals.shape != want:
                 raise BackendError(f"update '{name}' for cache '{cache}' has shape {list(vals.shape)}, expected "
@@ -437,9 +448,22 @@ class Engine:
                                             gather_tiles(base, coords, tile)))
         return prepared
 
-    def _scatter(self, base: np.ndarray, vals: np.ndarray, coords: np.ndarray) -> None:
-        """Write tiles into a cache (a seam: tests replace it to inject faults in the write phase)."""
-        scatter_tiles_inplace(base, vals, coords)
+    @staticmethod
+    def _prepare_whole_update(name: str, cache: str, base: np.ndarray, vals: np.ndarray) -> _PreparedUpdate:
+        """A whole-cache update (a token cache): the new value, checked, and the old one as the undo log."""
+        if vals.shape != base.shape:
+            raise BackendError(f"update '{name}' for cache '{cache}' has shape {list(vals.shape)}, expected "
+                               f"{list(base.shape)} (the whole cache)")
+        if not np.can_cast(vals.dtype, base.dtype, "same_kind"):
+            raise BackendError(f"update '{name}' has dtype {vals.dtype}, cache '{cache}' holds {base.dtype}")
+        if not (base.flags.c_contiguous and base.flags.writeable):
+            raise CacheError(f"cache '{cache}' of this key is not a writable C-contiguous array")
+        return _PreparedUpdate(cache, np.ascontiguousarray(vals, dtype=base.dtype), None, base.copy())
+
+    def _scatter(self, base: np.ndarray, vals: np.ndarray, coords: np.ndarray | None) -> None:
+        """Write tiles (or, ``coords`` None, the whole cache) into a cache (a seam: tests replace it to
+        inject faults in the write phase)."""
+        _write_update(base, vals, coords)
 
     def _apply_updates(self, entry: CacheEntry, updates: Mapping[str, np.ndarray], tiles: Mapping[str, TileIndex],
                        feeds: Mapping[str, np.ndarray], outputs: Sequence[np.ndarray]) -> None:
@@ -466,7 +490,7 @@ class Engine:
                 self._scatter(entry.tensors[p.cache], p.vals, p.coords)
         except BaseException:
             for p in reversed(written):
-                scatter_tiles_inplace(entry.tensors[p.cache], p.undo, p.coords)
+                _write_update(entry.tensors[p.cache], p.undo, p.coords)
             raise
         finally:
             self._forget_device_copies([entry.tensors[p.cache] for p in written])

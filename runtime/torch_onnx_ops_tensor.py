@@ -96,6 +96,19 @@ def gather_elements(attrs: NodeAttrs, x: Inputs) -> torch.Tensor:
 # -- shape manipulation ------------------------------------------------------------------------
 
 
+def scatter_nd(attrs: NodeAttrs, x: Inputs) -> torch.Tensor:
+    """A copy of ``data`` with the slices addressed by the last axis of ``indices`` replaced by
+    ``updates`` (reduction ``none`` only; duplicate indices are undefined in ONNX)."""
+    if (attrs.get("reduction", "none") or "none") != "none":
+        raise ValueError("ScatterND with a reduction is not supported")
+    data, indices, updates = x[0], x[1].long(), x[2]
+    k = indices.shape[-1]
+    out = data.clone()
+    index = tuple(indices.reshape(-1, k).unbind(1))
+    out[index] = updates.reshape(-1, *data.shape[k:]).to(out.dtype)
+    return out
+
+
 def reshape(attrs: NodeAttrs, x: Inputs) -> torch.Tensor:
     """Reshape to the ``shape`` input: ``-1`` is inferred, ``0`` copies the input dim unless ``allowzero``."""
     data, shape = x[0], to_ints(x[1])
@@ -322,6 +335,7 @@ TENSOR_OPS: dict[str, OpFn] = {
     "Split": split,
     "Slice": slice_,
     "Gather": gather,
+    "ScatterND": scatter_nd,
     "GatherElements": gather_elements,
     "Reshape": reshape,
     "Flatten": flatten,

@@ -138,7 +138,8 @@ MANIFEST_FIELDS: dict[str, Schema] = {
         dilation=RADIUS,
         instructions=array_of(record(op=one_of(*MASK_INSTRUCTIONS))),
     ),
-    "updates": array_of(record(output=STRING, cache=STRING, resolution=STRING)),
+    # whole: the output is the cache's new full value (token caches), else its active tiles
+    "updates": array_of(with_optional(record(output=STRING, cache=STRING, resolution=STRING), whole=BOOLEAN)),
     "approximations": array_of(ANY_OBJECT),  # descriptions for people: no number in them is used
     "nodes": array_of(
         with_optional(
@@ -351,7 +352,7 @@ def _check_tensor_sizes(manifest: Mapping[str, Any]) -> None:
     tiles = {res["name"]: res["tile"] for res in manifest["resolutions"]}
     for position, update in enumerate(manifest["updates"]):
         cache, tile = caches.get(update["cache"]), tiles.get(update["resolution"])
-        if cache is None or tile is None or len(cache["shape"]) != 4:
+        if cache is None or tile is None or len(cache["shape"]) != 4 or update.get("whole"):
             continue  # a dangling reference is the runtime's to report; it allocates nothing
         batch, channels, height, width = cache["shape"]
         padded = batch * channels * _round_up(height, tile) * _round_up(width, tile)
