@@ -140,7 +140,7 @@ def test_each_node_takes_the_first_step_that_applies(mode):
         "scale_t": "static",
         # reads the static value as a cache, then its rule (exact: after the GroupNorm island)
         "add_t": "sparse rule" if mode == "approx" else after_island,
-        "gap": "global op" if mode == "approx" else after_island,
+        "gap": "global reduction" if mode == "approx" else after_island,  # passes/global_rules.py
         "sigmoid_of_gap": "no feature-map output" if mode == "approx" else after_island,
         "mul_gap": "sparse rule" if mode == "approx" else after_island,
         "to_wide": "global op" if mode == "approx" else after_island,
