@@ -148,7 +148,9 @@ def rule_spatial_sum(ctx: RewriteContext, node: ir.Node) -> None:
     # The resolution is the grid whose active tiles change the reduction (what a whole-cache update
     # of it would go with); the cache itself is [B, C, 1, 1] or [B, C].
     cached = ctx.caches.cache(name, kind="activation", resolution=res.name)
-    value = b.op("Add", [cached, change], hint=name, output=name)
+    # A value of its own (not named like the original output, which a model output then copies):
+    # so that a whole-cache update could output it next to the model output without a name clash.
+    value = b.op("Add", [cached, change], hint=f"reduced::{name}")
     ctx.forms.set(out, Dense(value, None))
     ctx.record.report(node, "sparse", resolution=res.name, tile=t, note="incremental global pooling")
 
