@@ -2,7 +2,8 @@
 
 Every factory takes ``small`` (test size) and ``batch`` and returns ``(module.eval(), inputs)``
 where ``inputs`` maps the forward's parameter names to example tensors. Nothing is downloaded;
-weights come from a fixed seed. ``ddpm_unet`` and ``sd_vae_decoder`` need diffusers.
+weights come from a fixed seed. ``ddpm_unet``, ``sd_vae_decoder``, ``sd_vae_encoder``, ``sd_unet``
+and ``dit`` need diffusers. ``sd_unet``'s ``batch`` defaults to 2 (classifier-free guidance).
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import torch
 from torch import nn
 
 from sigec.apps.zoo.ddpm import ddpm_unet
+from sigec.apps.zoo.dit import dit
 from sigec.apps.zoo.label_maps import edit_label_map, label_boundaries, random_label_map
 from sigec.apps.zoo.pix2pix import resnet9
-from sigec.apps.zoo.sd_vae import sd_vae_decoder
+from sigec.apps.zoo.sd_unet import sd_unet
+from sigec.apps.zoo.sd_vae import sd_vae_decoder, sd_vae_encoder
 from sigec.apps.zoo.gaugan import spade, spade_fused
 from sigec.apps.zoo.local_conv import tiny_local
 
@@ -28,6 +31,9 @@ MODELS: dict[str, ModelFactory] = {
     "spade": spade,
     "spade_fused": spade_fused,
     "resnet9": resnet9,
+    "sd_unet": sd_unet,
+    "dit": dit,
+    "sd_vae_encoder": sd_vae_encoder,
 }
 
 
@@ -48,11 +54,14 @@ __all__ = [
     "ModelFactory",
     "build",
     "ddpm_unet",
+    "dit",
     "edit_label_map",
     "label_boundaries",
     "random_label_map",
     "resnet9",
+    "sd_unet",
     "sd_vae_decoder",
+    "sd_vae_encoder",
     "spade",
     "spade_fused",
     "tiny_local",

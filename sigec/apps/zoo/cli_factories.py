@@ -71,3 +71,39 @@ def resnet9() -> Built:
 def resnet9_small() -> Built:
     """ResNet-9 generator, test size (64 px)."""
     return build("resnet9", small=True)
+
+
+def sd_unet() -> Built:
+    """Stable Diffusion 1.5 UNet, 64x64 latent, batch 2 (classifier-free guidance); 3.2 GiB of
+    float32 weights: over protobuf's 2 GiB, so it does not compile yet (use sd_unet_medium)."""
+    return build("sd_unet")
+
+
+def sd_unet_medium() -> Built:
+    """SD 1.5 UNet layout with half the channels (160, 320, 640, 640), 64x64 latent, batch 2."""
+    return build("sd_unet", size="medium")
+
+
+def sd_unet_small() -> Built:
+    """SD UNet, test size (16x16 latent, channels (32, 64), batch 2)."""
+    return build("sd_unet", small=True)
+
+
+def dit() -> Built:
+    """DiT-XL/2 at 512 px (64x64 latent); 2.8 GiB of float32 weights: over protobuf's 2 GiB."""
+    return build("dit")
+
+
+def dit_small() -> Built:
+    """DiT, test size (16x16 latent, 2 layers)."""
+    return build("dit", small=True)
+
+
+def sd_vae_encoder() -> Built:
+    """Stable Diffusion v1 VAE encoder, 512 px -> 64x64 latent mean."""
+    return build("sd_vae_encoder")
+
+
+def sd_vae_encoder_small() -> Built:
+    """SD VAE encoder, test size (64 px -> 8x8 latent)."""
+    return build("sd_vae_encoder", small=True)

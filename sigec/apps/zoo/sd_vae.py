@@ -1,4 +1,5 @@
-"""``sd_vae_decoder``: the Stable Diffusion v1 VAE decoder (diffusers ``AutoencoderKL``) with random weights."""
+"""``sd_vae_decoder`` and ``sd_vae_encoder``: the two halves of the Stable Diffusion v1 VAE (diffusers
+``AutoencoderKL``) with random weights."""
 
 from __future__ import annotations
 
@@ -65,3 +66,47 @@ def sd_vae_decoder(
         generator = torch.Generator().manual_seed(seed)
         latent = torch.randn(batch, config["latent_channels"], side, side, generator=generator)
     return VaeDecoder(vae.post_quant_conv, vae.decoder).eval(), {"latent": latent}
+
+
+class VaeEncoder(nn.Module):
+    """``encoder`` + ``quant_conv`` of an ``AutoencoderKL``: image -> latent mean (no latent scaling).
+
+    The encoder's output ("moments", 2 x ``latent_channels`` channels) parametrises a diagonal
+    Gaussian: the first ``latent_channels`` channels are its mean, the rest its log-variance. Only
+    the mean (``latent_dist.mode()``) is returned, so the output is deterministic; diffusers'
+    img2img pipelines by default sample around it (mean + exp(logvar / 2) * noise), which a caller
+    can add outside the model. The log-variance convolution output channels are sliced away.
+    """
+
+    def __init__(self, encoder: nn.Module, quant_conv: nn.Module, latent_channels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.quant_conv = quant_conv
+        self.latent_channels = latent_channels
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        moments = self.quant_conv(self.encoder(image))
+        return moments[:, : self.latent_channels]
+
+
+def sd_vae_encoder(
+    small: bool = False, batch: int = 1, *, seed: int = 0
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Build the SD v1 VAE encoder (small: 64 px -> 8x8 latent, channels (16, 16, 32, 32)).
+
+    Returns ``(module.eval(), {"image": [batch, 3, S, S] uniform in [-1, 1]})``; the output is the
+    latent mean [batch, 4, S/8, S/8] (unscaled: SD multiplies it by 0.18215). Same configurations
+    and seed as :func:`sd_vae_decoder`, so the two halves of one seed are one autoencoder.
+    Parameter names match the published checkpoint's ``encoder.*`` and ``quant_conv.*`` entries
+    (34.16 M parameters at full size).
+    """
+    from diffusers import AutoencoderKL  # optional dependency, imported on use
+
+    config = SMALL_CONFIG if small else SD_V1_CONFIG
+    size = config["sample_size"]
+    with seeded(seed):
+        vae = AutoencoderKL(**config)
+        generator = torch.Generator().manual_seed(seed)
+        image = torch.rand(batch, config["in_channels"], size, size, generator=generator) * 2 - 1
+    encoder = VaeEncoder(vae.encoder, vae.quant_conv, config["latent_channels"])
+    return encoder.eval(), {"image": image}
