@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sigec.passes.sparse_context import RewriteContext
-from sigec.passes.sparse_forms import Tokens
+from sigec.passes.sparse_forms import Dense, Tokens
 
 
 class AddCacheUpdateOutputsPass(ir.passes.InPlacePass):
@@ -21,7 +21,9 @@ class AddCacheUpdateOutputsPass(ir.passes.InPlacePass):
     2. Tiles that are already a graph output are not added again (so the pass is idempotent).
     3. Static and statistics caches get no output (the edit does not change them).
     4. A token cache (read only by a token scatter, passes/token_graph.py) gets the scattered full
-       tensor as its output, marked ``whole``: the runtime replaces the cache with it.
+       tensor as its output, marked ``whole``: the runtime replaces the cache with it. So does an
+       activation cache whose source is Dense in the SPARSE graph (an incrementally updated global
+       reduction, passes/global_rules.py): its new value is that Dense value.
     """
 
     def __init__(self, ctx: RewriteContext) -> None:
@@ -45,6 +47,16 @@ class AddCacheUpdateOutputsPass(ir.passes.InPlacePass):
                 updates.append({"output": full.name, "cache": cache.name,
                                 "resolution": tokens[cache.source].res.name, "whole": True})
                 continue
+            dense = self._dense_value(cache.source) if cache.kind == "activation" else None
+            if dense is not None:
+                if not dense.is_graph_output():
+                    dense.dtype = ir.DataType.from_numpy(np.dtype(cache.dtype))
+                    dense.shape = ir.Shape(cache.shape)
+                    graph.outputs.append(dense)
+                    modified = True
+                updates.append({"output": dense.name, "cache": cache.name, "resolution": cache.resolution or "",
+                                "whole": True})
+                continue
             if cache.kind != "activation" or cache.source not in forms:
                 continue
             form = forms[cache.source]
@@ -56,3 +68,13 @@ class AddCacheUpdateOutputsPass(ir.passes.InPlacePass):
             updates.append({"output": form.vals.name, "cache": cache.name, "resolution": form.res.name})
         self.ctx.record.updates = updates
         return ir.passes.PassResult(model, modified)
+
+    def _dense_value(self, source: str) -> ir.Value | None:
+        """The SPARSE value of an original tensor whose form is Dense (None for other forms)."""
+        value = self.ctx.forms.value_by_name(source)
+        if not self.ctx.forms.has(value):
+            return None
+        form = self.ctx.forms.get(value)
+        if not isinstance(form, Dense) or form.value.is_graph_input():
+            return None  # model inputs: the runtime refreshes their caches from the new inputs
+        return form.value

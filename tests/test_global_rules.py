@@ -230,9 +230,6 @@ def test_other_reductions_stay_dense_islands(nodes, constants):
     assert_exact(compare_with_oracle(engine, ort_oracle(proto), original, edited, mask))
 
 
-@pytest.mark.xfail(strict=True, reason="run(update_cache=True) updates caches tile by tile; the cached reduction "
-                                       "(cache::p) is no tile map and stays the original's (needs a whole-cache "
-                                       "update in AddCacheUpdateOutputsPass and the engine)")
 def test_update_cache_then_run_again():
     proto = _se_model()
     engine = always_sparse(engine_from_proto(proto, mode="exact", tile_size=4, backend="ort"))
