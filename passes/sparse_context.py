@@ -201,6 +201,7 @@ class TileGrids:
         self.tensor_masks: dict[str, list[MaskId | None]] = {}
         self._batch_index: dict[str, ir.Value] = {}
         self._token_index: dict[str, TokenIndex] = {}
+        self.shared_batch: set[str] = set()  # resolutions whose batch items share one tile set
 
     def is_spatial(self, value: ir.Value) -> bool:
         """A feature map: 4-D, batch-sized, with more than one pixel."""
@@ -259,7 +260,7 @@ class TileGrids:
         if res.height % res.tile or res.width % res.tile:
             raise Unsupported(f"tokens of {res.name} need its tile size {res.tile} to divide the map")
         if res.name not in self._token_index:
-            self._token_index[res.name] = build_token_index(self._graph, self.coords(res), res, self.batch)
+            self._token_index[res.name] = build_token_index(self._graph, self.coords(res), res)
         return self._token_index[res.name]
 
 

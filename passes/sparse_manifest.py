@@ -24,7 +24,8 @@ def _resolutions(ctx: RewriteContext, sparse: ir.Graph, approx_dilation: int) ->
         if coords_input(res.name) not in inputs and grid_input(res.name) not in inputs:
             continue
         mask = ctx.masks.resolution_mask(res.size, ctx.grids.tensor_masks[res.name], approx_dilation)
-        found.append({"name": res.name, "size": res.size, "tile": res.tile, "mask": mask.id})
+        found.append({"name": res.name, "size": res.size, "tile": res.tile, "mask": mask.id,
+                      **({"shared_batch": True} if res.name in ctx.grids.shared_batch else {})})
     return found
 
 

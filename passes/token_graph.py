@@ -17,17 +17,15 @@ from sigec.passes.token_layout import TokenLayout
 class TokenIndex:
     """Per active token of a tile grid (``M = N * T * T`` rows, tile by tile, row-major in a tile):
     ``flat`` = b*H*W + y*W + x, ``batch`` = b, ``position`` = y*W + x (all int64 [M]); ``rows`` =
-    ``flat`` as [M, 1] for ScatterND; ``counts`` [B]: tokens per batch item (coords are sorted by
-    batch item, so the tokens of item b are rows ``sum(counts[:b]) ..``)."""
+    ``flat`` as [M, 1] for ScatterND."""
 
     flat: ir.Value
     batch: ir.Value
     position: ir.Value
     rows: ir.Value
-    counts: ir.Value
 
 
-def build_token_index(b: GraphBuilder, coords: ir.Value, res: Resolution, batch: int) -> TokenIndex:
+def build_token_index(b: GraphBuilder, coords: ir.Value, res: Resolution) -> TokenIndex:
     """The token index of ``res`` from its coords [N, 3] (b, tile row, tile column)."""
     t, w = res.tile, res.width
     col = lambda k: b.op("Slice", [coords, b.const(np.array([k], np.int64), "c:tok_k"),  # noqa: E731
@@ -46,13 +44,7 @@ def build_token_index(b: GraphBuilder, coords: ir.Value, res: Resolution, batch:
     flat = b.op("Add", [b.op("Mul", [batch_of, b.const(np.array(res.height * w, np.int64), "c:tok_hw")],
                              hint="tok_b_hw"), position], hint=f"tok_flat::{res.name}")
     rows = b.op("Unsqueeze", [flat, b.const(np.array([1], np.int64), "c:axis1")], hint=f"tok_rows::{res.name}")
-    onehot = b.op("Equal", [b.op("Unsqueeze", [batch_of, b.const(np.array([1], np.int64), "c:axis1")],
-                                 hint="tok_b_col"), b.const(np.arange(batch, dtype=np.int64)[None, :], "c:tok_items")],
-                  hint="tok_onehot")
-    counts = b.op("ReduceSum", [b.op("Cast", [onehot], hint="tok_onehot_i", to=int(ir.DataType.INT64)),
-                                b.const(np.array([0], np.int64), "c:axis0")], hint=f"tok_counts::{res.name}",
-                  keepdims=0)
-    return TokenIndex(flat, batch_of, position, rows, counts)
+    return TokenIndex(flat, batch_of, position, rows)
 
 
 def to_canonical(b: GraphBuilder, full: ir.Value, layout: TokenLayout, hint: str) -> ir.Value:

@@ -76,9 +76,9 @@ def _set_result(ctx: RewriteContext, out: ir.Value, vals: ir.Value, src: Tokens,
                                               "c:token_tiles")], hint=f"token_tiles::{out.name}")
         tiles = b.op("Transpose", [rows], hint=f"vals::{out.name}", perm=[0, 3, 1, 2])
         ctx.set_sparse(out, tiles, src.res, mask)
-        return "tokens back to tiles"
+        return " (back to tiles)"
     ctx.set_tokens(out, vals, src.res, mask, layout)
-    return "tokens"
+    return ""
 
 
 def _reshape_vals(ctx: RewriteContext, vals: ir.Value, old: TokenLayout, new: TokenLayout, hint: str) -> ir.Value:
@@ -121,7 +121,7 @@ def rule_token_view(ctx: RewriteContext, node: ir.Node) -> None:
     if layout.shape != tuple(shape):
         raise Unsupported(f"layout {list(layout.shape)} does not match the output {list(shape)}")
     vals = _reshape_vals(ctx, src.vals, src.layout, layout, f"view::{out.name}")
-    _report(ctx, node, src, "token view: " + _set_result(ctx, out, vals, src, src.mask, layout))
+    _report(ctx, node, src, "token view" + _set_result(ctx, out, vals, src, src.mask, layout))
 
 
 # ----- per-token ops -----------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def rule_token_elementwise(ctx: RewriteContext, node: ir.Node) -> None:
             operands.append(_operand(ctx, value, main.layout, main, node, masks))
     out = node.outputs[0]
     vals = ctx.graph.op(node.op_type, operands, hint=f"vals::{out.name}", attributes=node.attributes)
-    _report(ctx, node, main, "per token: " + _set_result(ctx, out, vals, main, ctx.masks.union(masks), main.layout))
+    _report(ctx, node, main, "per token" + _set_result(ctx, out, vals, main, ctx.masks.union(masks), main.layout))
 
 
 def rule_token_pass_through(ctx: RewriteContext, node: ir.Node) -> None:
@@ -231,7 +231,7 @@ def rule_token_softmax(ctx: RewriteContext, node: ir.Node) -> None:
     _, vaxis = _feature_axis(src.layout, int(attr(node, "axis", -1)))
     out = node.outputs[0]
     vals = ctx.graph.op(node.op_type, [src.vals], hint=f"vals::{out.name}", axis=vaxis)
-    _report(ctx, node, src, "per token: " + _set_result(ctx, out, vals, src, src.mask, src.layout))
+    _report(ctx, node, src, "per token" + _set_result(ctx, out, vals, src, src.mask, src.layout))
 
 
 def rule_token_layer_norm(ctx: RewriteContext, node: ir.Node) -> None:
@@ -252,7 +252,7 @@ def rule_token_layer_norm(ctx: RewriteContext, node: ir.Node) -> None:
     attrs = {k: v for k, v in node.attributes.items() if k != "axis"}
     vals = ctx.graph.op("LayerNormalization", [src.vals, *params], hint=f"vals::{out.name}", attributes=attrs,
                         axis=-len(atoms))
-    _report(ctx, node, src, "per token: " + _set_result(ctx, out, vals, src, src.mask, src.layout))
+    _report(ctx, node, src, "per token" + _set_result(ctx, out, vals, src, src.mask, src.layout))
 
 
 def _constant_axes(node: ir.Node, rank: int) -> list[int] | None:
@@ -284,7 +284,7 @@ def rule_token_reduce(ctx: RewriteContext, node: ir.Node) -> None:
         layout = TokenLayout(tuple(ax for ax in layout.axes if not set(ax) & gone),
                              tuple(f for f in layout.features if f not in gone),
                              tuple((a, n) for a, n in layout.sizes if a not in gone))
-    _report(ctx, node, src, "per token: " + _set_result(ctx, node.outputs[0], vals, src, src.mask, layout))
+    _report(ctx, node, src, "per token" + _set_result(ctx, node.outputs[0], vals, src, src.mask, layout))
 
 
 def _slice_features(ctx: RewriteContext, node: ir.Node, src: Tokens, atom: str, vaxis: int,
@@ -342,7 +342,8 @@ def rule_token_matmul(ctx: RewriteContext, node: ir.Node) -> None:
 
     A weight (constant or static ``[k, n]``, or per head) multiplies ``vals`` directly. A matrix
     with a batch axis (attention's keys or values) is applied per batch item to that item's active
-    tokens. A matrix that depends on the edit (self-attention) is its full value: the cache with the
+    tokens, as one batched MatMul: the resolution's batch items share one tile set (the union of
+    theirs), so each item has M / B tokens. A matrix that depends on the edit (self-attention) is its full value: the cache with the
     active tokens written in (approx mode; exact mode declines, so the node stays dense).
     """
     a, m = node.inputs[0], node.inputs[1]
@@ -368,6 +369,8 @@ def rule_token_matmul(ctx: RewriteContext, node: ir.Node) -> None:
     per_head = [d > 1 for ax, d in zip(lead, m_lead) if ax and ax[0] != "b"]
     if any(per_head) and not all(per_head):
         raise Unsupported("the right operand varies over some heads only")
+    if per_item and (lead[0] != ("b",) or len(ms) != rank):
+        raise Unsupported("a per-sample matrix whose batch axis does not lead")
     matrix = _right_operand(ctx, node, m)
     b = ctx.graph
     n = ms[-1]
@@ -384,21 +387,28 @@ def rule_token_matmul(ctx: RewriteContext, node: ir.Node) -> None:
         return b.op("Transpose", [prod_], hint=f"tokens_first::{node.name}", perm=[h, *range(h), h + 1])
 
     if per_item:
-        b_axis = len(ms) - 2 - (len(lead) - [i for i, ax in enumerate(lead) if ax == ("b",)][0])
-        batch = layout.size("b")
-        index = ctx.grids.token_index(src.res)
-        parts = b.ops("Split", [src.vals, index.counts], hint=f"items::{node.name}", count=batch, axis=0)
-        outs = [product(part, b.op("Gather", [matrix, b.const(np.array(i, np.int64), "c:item")],
-                                   hint=f"item_mat::{node.name}", axis=b_axis))
-                for i, part in enumerate(parts)]
-        vals = b.op("Concat", outs, hint=f"vals::{node.outputs[0].name}", axis=0)
+        # The batch items share one tile set (the resolution is marked so), so each item has M / B
+        # tokens: one batched MatMul [B, heads..., M/B, k] x [B, heads..., k, n].
+        ctx.grids.shared_batch.add(src.res.name)
+        batch, h = layout.size("b"), len(heads)
+        items = b.op("Reshape", [src.vals, b.const(np.array([batch, -1, *layout.feature_shape], np.int64),
+                                                   "c:items_shape")], hint=f"items::{node.name}")
+        if h:
+            items = b.op("Transpose", [items], hint=f"heads_first::{node.name}", perm=[0, *range(2, h + 2), 1, h + 2])
+        mat_shape = [batch, *(head_sizes or [1] * h), ms[-2], n]
+        mat = b.op("Reshape", [matrix, b.const(np.array(mat_shape, np.int64), "c:mat_shape")], hint=f"mat::{node.name}")
+        out = b.op("MatMul", [items, mat], hint=f"mm::{node.name}")
+        if h:
+            out = b.op("Transpose", [out], hint=f"tokens_first::{node.name}", perm=[0, h + 1, *range(1, h + 1), h + 2])
+        vals = b.op("Reshape", [out, b.const(np.array([-1, *layout.feature_shape[:-1], n], np.int64),
+                                             "c:token_rows")], hint=f"vals::{node.outputs[0].name}")
     else:
         vals = product(src.vals, matrix)
     n_atom = layout.fresh("n")
     out_layout = TokenLayout((*lead, layout.axes[-2], (n_atom,)), (*heads, n_atom),
                              (*((a, s) for a, s in layout.sizes if a != k), (n_atom, n)))
     note = "attention: active queries" if len(ms) > 2 else "per token: linear"
-    _report(ctx, node, src, note + ", " + _set_result(ctx, node.outputs[0], vals, src, src.mask, out_layout),
+    _report(ctx, node, src, note + _set_result(ctx, node.outputs[0], vals, src, src.mask, out_layout),
             prod(layout.feature_shape) * n)
 
 

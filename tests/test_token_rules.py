@@ -146,6 +146,24 @@ def test_cross_attention_block_is_exact_on_the_active_tokens(cross_block: onnx.M
     assert_exact(c, context=backend)
 
 
+def test_batch_items_with_different_edits_share_one_tile_set(cross_block: onnx.ModelProto) -> None:
+    """Attention runs batched over the items, so a resolution it reads gives every item the union of
+    the items' tiles: an edit of item 0 only is recomputed in item 1 too, and both stay exact."""
+    engine = always_sparse(engine_from_proto(cross_block, mode="exact", tile_size=4, backend="ort"))
+    assert [r["name"] for r in engine.manifest["resolutions"] if r.get("shared_batch")] == ["r16x16"]
+    inputs = _inputs(16)
+    edited = {k: v.copy() for k, v in inputs.items()}
+    edited["image"][0, :, 2:4, 2:4] += 1.5
+    edited["image"][1, :, 12:15, 9:11] -= 1.0
+    c = compare_with_oracle(engine, ort_oracle(cross_block), inputs, edited)
+    assert_exact(c)
+    changed = (edited["image"] != inputs["image"]).any(axis=1)
+    coords = engine.expected_macs(changed)[2]["r16x16"].coords
+    assert (coords[coords[:, 0] == 0, 1:] == coords[coords[:, 0] == 1, 1:]).all()
+    first_only = engine.expected_macs(np.stack([changed[0], changed[0]]))[2]["r16x16"].coords
+    assert len(coords) > len(first_only)  # item 1's edit adds tiles to both items
+
+
 def test_self_attention_stays_dense_in_exact_mode(self_block: onnx.ModelProto) -> None:
     engine = always_sparse(engine_from_proto(self_block, mode="exact", tile_size=4, backend="ort"))
     softmax = [n for n in engine.manifest["nodes"] if n["op_type"] == "Softmax"]

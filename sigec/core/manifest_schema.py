@@ -131,7 +131,9 @@ MANIFEST_FIELDS: dict[str, Schema] = {
     "inputs": array_of(record(name=STRING, shape=SHAPE, dtype=DTYPE, spatial=BOOLEAN)),
     "outputs": array_of(record(name=STRING, shape=SHAPE, dtype=DTYPE)),
     "caches": array_of(record(name=STRING, source=STRING, shape=SHAPE, dtype=DTYPE, kind=STRING)),
-    "resolutions": array_of(record(name=STRING, size=SIZE_2D, tile=TILE, mask=STRING)),
+    # shared_batch: every batch item gets the union of the items' tiles (batched attention)
+    "resolutions": array_of(with_optional(record(name=STRING, size=SIZE_2D, tile=TILE, mask=STRING),
+                                          shared_batch=BOOLEAN)),
     "mask_program": record(
         input_size=SIZE_2D,
         threshold=number(0, MAX_THRESHOLD),

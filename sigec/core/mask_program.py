@@ -188,11 +188,12 @@ def normalize_mask(mask: Any, input_size: Sequence[int], batch: int) -> np.ndarr
     return np.asarray(m, order="C")
 
 
-def tile_index(mask: np.ndarray, tile: int) -> TileIndex:
+def tile_index(mask: np.ndarray, tile: int, shared_batch: bool = False) -> TileIndex:
     """Reduce a ``[B, H, W]`` mask to the active tiles of a grid with tile size ``tile``.
 
     ``coords`` lists the active tiles in row-major order (batch, tile row, tile column); ``grid``
-    holds each tile's position in ``coords`` or -1.
+    holds each tile's position in ``coords`` or -1. With ``shared_batch`` every batch item gets the
+    union of the items' tiles (so each item has the same number of tiles, in the same order).
     """
     b, h, w = mask.shape
     gh, gw = -(-h // tile), -(-w // tile)
@@ -201,6 +202,8 @@ def tile_index(mask: np.ndarray, tile: int) -> TileIndex:
         padded[:, :h, :w] = mask
         mask = padded
     cells = _or_blocks(_or_blocks(mask, 1, tile), 2, tile)
+    if shared_batch:
+        cells = np.broadcast_to(cells.any(axis=0, keepdims=True), cells.shape)
     coords = np.stack(np.nonzero(cells), axis=1).astype(np.int64, copy=False)
     grid = np.full((b, gh, gw), -1, dtype=np.int64)
     grid[cells] = np.arange(coords.shape[0], dtype=np.int64)
@@ -211,7 +214,8 @@ def run_mask_program(program: Mapping[str, Any], resolutions: Sequence[Mapping[s
                      pixel_mask: np.ndarray) -> dict[str, TileIndex]:
     """Tile indices of every resolution (by resolution name) for a ``[B, H, W]`` pixel mask."""
     masks = run_instructions(program["instructions"], pixel_mask)
-    return {res["name"]: tile_index(masks[res["mask"]], int(res["tile"])) for res in resolutions}
+    return {res["name"]: tile_index(masks[res["mask"]], int(res["tile"]), bool(res.get("shared_batch")))
+            for res in resolutions}
 
 
 def dilate_for_run(program: Mapping[str, Any], pixel_mask: np.ndarray, dilation: int | None = None) -> np.ndarray:
