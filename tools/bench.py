@@ -98,11 +98,24 @@ def _peak_memory_section(engine_path: pathlib.Path, threads: int, dense_onnx: st
     return ["Peak memory (`tools/peak_memory.py`, each row a fresh process):", "", markdown(results), ""]
 
 
+def parse_tile_size(text: str | None) -> int | dict[str, int] | None:
+    """``--tile-size``: one size (``4``) or sizes per resolution (``default=4,r16x16=2,r8x8=2``)."""
+    if text is None or text.isdigit():
+        return None if text is None else int(text)
+    sizes = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if not value.isdigit():
+            raise SystemExit(f"--tile-size: {part!r} is not NAME=SIZE (e.g. r16x16=2)")
+        sizes[name.strip()] = int(value)
+    return sizes
+
+
 def run(model_name: str, edits: list[float], repeats: int, threads: int, mode: str, small: bool,
-        tile_size: int | None, plot_dir: str | None = None, dense_onnx: str | None = None,
-        memory: bool = False, autotune: bool = False) -> str:
+        tile_size: int | dict[str, int] | None, plot_dir: str | None = None, dense_onnx: str | None = None,
+        memory: bool = False, autotune: bool = False, size: str | None = None) -> str:
     """Benchmark one zoo model; return the markdown section."""
-    module, example = build(model_name, small=small)
+    module, example = build(model_name, small=small, **({"size": size} if size else {}))
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / f"{model_name}.sigec"
         start = time.perf_counter()
@@ -126,8 +139,11 @@ def run(model_name: str, edits: list[float], repeats: int, threads: int, mode: s
     if plot_dir:
         pathlib.Path(plot_dir).mkdir(parents=True, exist_ok=True)
         _plot(rows, model_name, pathlib.Path(plot_dir) / f"{model_name}.png")
+    tile_text = "" if tile_size is None else " --tile-size " + (
+        str(tile_size) if isinstance(tile_size, int) else ",".join(f"{k}={v}" for k, v in tile_size.items()))
     cmd = "python tools/bench.py --model {} --mode {} --repeats {} --threads {}{}{}{}".format(
-        model_name, mode, repeats, threads, " --small" if small else "",
+        model_name + (f" --size {size}" if size else "") + tile_text, mode, repeats, threads,
+        " --small" if small else "",
         f" --dense-onnx {dense_onnx}" if dense_onnx else "", " --memory" if memory else "") + \
         (" --autotune" if autotune else "") + f" --edits {','.join(f'{e:g}' for e in edits)}"
     dense_what = (f"dense ORT = `{dense_onnx}` (intra-op spinning off)" if dense_onnx
@@ -156,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mode", default="approx", choices=["approx", "exact"])
-    parser.add_argument("--tile-size", type=int, default=None)
+    parser.add_argument("--tile-size", default=None,
+                        help="one tile size, or sizes per resolution: default=4,r16x16=2 (default: the compiler's)")
+    parser.add_argument("--size", default=None, help="zoo size variant (sd_unet, dit: small, medium, full)")
     parser.add_argument("--small", action="store_true", help="use the test-size model (quick check)")
     parser.add_argument("--write", help="append the section to this markdown file")
     parser.add_argument("--plot-dir", default=None, help="write a speedup-vs-edit PNG per model here (e.g. bench/)")
@@ -167,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--autotune", action="store_true", help="compile with --autotune (tile size / dense per resolution)")
     args = parser.parse_args(argv)
     section = run(args.model, [float(e) for e in args.edits.split(",")], args.repeats, args.threads, args.mode,
-                  args.small, args.tile_size, args.plot_dir, args.dense_onnx, args.memory, args.autotune)
+                  args.small, parse_tile_size(args.tile_size), args.plot_dir, args.dense_onnx, args.memory,
+                  args.autotune, args.size)
     print(section)
     if args.write:
         with open(args.write, "a") as f:

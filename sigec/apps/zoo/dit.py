@@ -51,6 +51,13 @@ SMALL_CONFIG: dict[str, Any] = {
 }
 
 
+# Benchmark variant: DiT-XL/2 at 512 px with 8 of its 28 layers (same width, heads, 1024 tokens and
+# per-layer cost; 214 M parameters, so its ONNX export fits in one protobuf).
+MEDIUM_CONFIG: dict[str, Any] = {**DIT_XL_2_512_CONFIG, "num_layers": 8}
+
+SIZES: dict[str, dict[str, Any]] = {"small": SMALL_CONFIG, "medium": MEDIUM_CONFIG, "full": DIT_XL_2_512_CONFIG}
+
+
 class DiTNoiseModel(nn.Module):
     """Wraps a diffusers ``DiTTransformer2DModel`` so ``forward(sample, timestep, class_labels)``
     returns its output (predicted noise and variance, [B, 8, S, S]) as a plain tensor."""
@@ -67,10 +74,12 @@ def dit(
     small: bool = False,
     batch: int = 1,
     *,
+    size: str | None = None,
     timestep: int = 500,
     seed: int = 0,
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Build DiT-XL/2 at 512 px (small: 16x16 latent, 2 layers, 2 heads x 16 channels, 10 classes).
+    """Build DiT-XL/2 at 512 px: ``size`` "full" (the default), "medium" (8 of the 28 layers: fits in
+    one ONNX protobuf) or "small" (``small=True``: 16x16 latent, 2 layers, 2 heads x 16 channels, 10 classes).
 
     Returns ``(module.eval(), inputs)`` with ``sample`` [batch, 4, S, S] (standard normal),
     ``timestep`` [batch] int64 (every entry ``timestep``) and ``class_labels`` [batch] int64 (random
@@ -78,7 +87,13 @@ def dit(
     """
     from diffusers import DiTTransformer2DModel  # optional dependency, imported on use
 
-    config = SMALL_CONFIG if small else DIT_XL_2_512_CONFIG
+    if size is None:
+        size = "small" if small else "full"
+    elif small and size != "small":
+        raise ValueError(f"small=True contradicts size={size!r}")
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {', '.join(SIZES)}, not {size!r}")
+    config = SIZES[size]
     side = config["sample_size"]
     with seeded(seed):
         transformer = DiTTransformer2DModel(**config)
