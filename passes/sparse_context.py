@@ -28,7 +28,7 @@ from sigec.passes.group_norm_match import NormMatch
 from sigec.passes.mask_builder import MaskProgramBuilder
 from sigec.passes.sparse_forms import (EMPTY_MASK, Dense, Form, GatherSource, MaskId, Padded, Prologue, Resolution,
                                        Sparse, Tokens, View)
-from sigec.passes.token_graph import TokenIndex, build_token_index, scatter_tokens
+from sigec.passes.token_graph import TokenIndex, build_token_index, scatter_items, scatter_tokens
 from sigec.passes.token_layout import TokenLayout
 
 
@@ -371,12 +371,13 @@ class RewriteContext:
         return form
 
     def set_tokens(self, value: ir.Value, vals: ir.Value, res: Resolution, mask: MaskId | None,
-                   layout: TokenLayout) -> Tokens:
-        """Record that the original ``value`` is now Tokens with the active tokens ``vals``."""
+                   layout: TokenLayout, items: ir.Value | None = None) -> Tokens:
+        """Record that the original ``value`` is now Tokens with the active tokens ``vals`` (and, when
+        a batched-attention rule made them, the same tokens as ``items`` [B, *heads, M/B, n])."""
         if tuple(shape_of(value)) != layout.shape:
             raise CompileError(f"internal: '{value.name}' is {list(shape_of(value))} but its token layout is "
                                f"{list(layout.shape)}")
-        form = Tokens(value.name, vals, res, mask, layout)  # type: ignore[arg-type]
+        form = Tokens(value.name, vals, res, mask, layout, items)  # type: ignore[arg-type]
         self.forms.set(value, form)
         self.grids.note_mask(res, mask)
         return form
@@ -468,8 +469,12 @@ class RewriteContext:
         if isinstance(form, Tokens):
             if form.source not in self._token_dense:
                 cache = self.caches.cache(form.source, resolution=form.res.name)
-                self._token_dense[form.source] = scatter_tokens(self.graph, cache, form.vals, form.layout,
-                                                                self.grids.token_index(form.res), f"full::{name}")
+                index = self.grids.token_index(form.res)
+                full = None
+                if form.res.name in self.grids.shared_batch:
+                    full = scatter_items(self.graph, cache, form.vals, form.layout, index, f"full::{name}")
+                self._token_dense[form.source] = full if full is not None else scatter_tokens(
+                    self.graph, cache, form.vals, form.layout, index, f"full::{name}")
             return self._token_dense[form.source]
         if name not in self._dense_of:
             if isinstance(form, Padded):

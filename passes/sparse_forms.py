@@ -99,6 +99,7 @@ class Tokens:
     res: Resolution
     mask: MaskId | None
     layout: TokenLayout
+    items: ir.Value | None = None  # the same tokens as [B, *heads, M/B, n] (batched attention's layout)
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,33 @@ def scatter_tokens(b: GraphBuilder, cache: ir.Value, vals: ir.Value, layout: Tok
     return from_canonical(b, new, layout, hint)
 
 
+def scatter_items(b: GraphBuilder, cache: ir.Value, vals: ir.Value, layout: TokenLayout, index: TokenIndex,
+                  hint: str) -> ir.Value | None:
+    """:func:`scatter_tokens` without leaving the original layout, for a resolution whose batch items
+    share one tile set (each item holds M/B tokens at the same positions): one ScatterElements along
+    the token axis. None when the layout is not ``b`` first, one ``y, x`` axis, single features."""
+    axes = layout.axes
+    token_axes = [i for i, axis in enumerate(axes) if axis == ("y", "x")]
+    if axes[0] != ("b",) or len(token_axes) != 1 or len(axes) != len(layout.features) + 2:
+        return None
+    t = token_axes[0]
+    if any(len(axis) != 1 for i, axis in enumerate(axes) if i != t):
+        return None
+    batch = layout.size("b")
+    where = [0 if i == 0 else 1 if i == t else 2 + layout.features.index(axis[0]) for i, axis in enumerate(axes)]
+    items = b.op("Reshape", [vals, b.const(np.array([batch, -1, *layout.feature_shape], np.int64), "c:items_shape")],
+                 hint=f"items::{hint}")
+    if where != sorted(where):
+        items = b.op("Transpose", [items], hint=f"layout::{hint}", perm=where)
+    shape = [1] * len(axes)
+    shape[0], shape[t] = batch, -1
+    positions = b.op("Reshape", [index.position, b.const(np.array(shape, np.int64), "c:pos_shape")],
+                     hint=f"positions::{hint}")
+    positions = b.op("Expand", [positions, b.op("Shape", [items], hint=f"items_shape::{hint}")],
+                     hint=f"pos_expand::{hint}")
+    return b.op("ScatterElements", [cache, positions, items], hint=hint, axis=t)
+
+
 def gather_tokens(b: GraphBuilder, full: ir.Value, layout: TokenLayout, index: TokenIndex, hint: str) -> ir.Value:
     """The active tokens ``[M, *features]`` of a full tensor laid out as ``layout``."""
     rows = to_canonical(b, full, layout, f"full::{hint}")

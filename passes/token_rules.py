@@ -68,7 +68,7 @@ def _tokens(ctx: RewriteContext, value: ir.Value) -> Tokens:
 
 
 def _set_result(ctx: RewriteContext, out: ir.Value, vals: ir.Value, src: Tokens, mask: MaskId | None,
-                layout: TokenLayout) -> str:
+                layout: TokenLayout, items: ir.Value | None = None) -> str:
     """Record ``out``: back to tiles when the layout is a map again, else tokens. Returns a note."""
     if layout.is_map() and ctx.grids.is_spatial(out):
         b, t = ctx.graph, src.res.tile
@@ -77,8 +77,31 @@ def _set_result(ctx: RewriteContext, out: ir.Value, vals: ir.Value, src: Tokens,
         tiles = b.op("Transpose", [rows], hint=f"vals::{out.name}", perm=[0, 3, 1, 2])
         ctx.set_sparse(out, tiles, src.res, mask)
         return " (back to tiles)"
-    ctx.set_tokens(out, vals, src.res, mask, layout)
+    ctx.set_tokens(out, vals, src.res, mask, layout, items)
     return ""
+
+
+def _items_to_rows(ctx: RewriteContext, items: ir.Value, layout: TokenLayout, hint: str) -> ir.Value:
+    """``vals [M, *heads, n]`` of tokens held as ``items [B, *heads, M/B, n]`` (a Transpose that the
+    pruning pass removes when every consumer reads ``items``)."""
+    b, h = ctx.graph, len(layout.features) - 1
+    if h:
+        items = b.op("Transpose", [items], hint=f"tokens_first::{hint}", perm=[0, h + 1, *range(1, h + 1), h + 2])
+    return b.op("Reshape", [items, b.const(np.array([-1, *layout.feature_shape], np.int64), "c:token_rows")],
+                hint=f"vals::{hint}")
+
+
+def _rows_to_items(ctx: RewriteContext, src: Tokens, hint: str) -> ir.Value:
+    """``src``'s tokens as ``items [B, *heads, M/B, k]`` (needs a shared_batch resolution)."""
+    if src.items is not None:
+        return src.items
+    b, layout = ctx.graph, src.layout
+    h = len(layout.features) - 1
+    items = b.op("Reshape", [src.vals, b.const(np.array([layout.size("b"), -1, *layout.feature_shape], np.int64),
+                                               "c:items_shape")], hint=f"items::{hint}")
+    if h:
+        items = b.op("Transpose", [items], hint=f"heads_first::{hint}", perm=[0, *range(2, h + 2), 1, h + 2])
+    return items
 
 
 def _reshape_vals(ctx: RewriteContext, vals: ir.Value, old: TokenLayout, new: TokenLayout, hint: str) -> ir.Value:
@@ -209,8 +232,19 @@ def rule_token_elementwise(ctx: RewriteContext, node: ir.Node) -> None:
         else:
             operands.append(_operand(ctx, value, main.layout, main, node, masks))
     out = node.outputs[0]
-    vals = ctx.graph.op(node.op_type, operands, hint=f"vals::{out.name}", attributes=node.attributes)
-    _report(ctx, node, main, "per token" + _set_result(ctx, out, vals, main, ctx.masks.union(masks), main.layout))
+    items = None
+    scalars = [v is None or f is main or (not isinstance(f, Tokens) and prod(static_shape(v) or (0,)) == 1
+                                          and not ctx.forms.is_edit_dependent(v))
+               for v, f in zip(node.inputs, forms)]
+    if main.items is not None and all(scalars) and sum(f is main for f in forms) == 1:
+        # a scale or offset of attention scores: the same op on the batched-attention layout
+        items = ctx.graph.op(node.op_type, [main.items if f is main else o for f, o in zip(forms, operands)],
+                             hint=f"items::{out.name}", attributes=node.attributes)
+        vals = _items_to_rows(ctx, items, main.layout, out.name)
+    else:
+        vals = ctx.graph.op(node.op_type, operands, hint=f"vals::{out.name}", attributes=node.attributes)
+    _report(ctx, node, main, "per token" + _set_result(ctx, out, vals, main, ctx.masks.union(masks), main.layout,
+                                                       items))
 
 
 def rule_token_pass_through(ctx: RewriteContext, node: ir.Node) -> None:
@@ -230,8 +264,12 @@ def rule_token_softmax(ctx: RewriteContext, node: ir.Node) -> None:
     src = _tokens(ctx, node.inputs[0])
     _, vaxis = _feature_axis(src.layout, int(attr(node, "axis", -1)))
     out = node.outputs[0]
-    vals = ctx.graph.op(node.op_type, [src.vals], hint=f"vals::{out.name}", axis=vaxis)
-    _report(ctx, node, src, "per token" + _set_result(ctx, out, vals, src, src.mask, src.layout))
+    if src.items is not None and vaxis == len(src.layout.features):  # the last axis in both layouts
+        items = ctx.graph.op(node.op_type, [src.items], hint=f"items::{out.name}", axis=-1)
+        vals = _items_to_rows(ctx, items, src.layout, out.name)
+    else:
+        items, vals = None, ctx.graph.op(node.op_type, [src.vals], hint=f"vals::{out.name}", axis=vaxis)
+    _report(ctx, node, src, "per token" + _set_result(ctx, out, vals, src, src.mask, src.layout, items))
 
 
 def rule_token_layer_norm(ctx: RewriteContext, node: ir.Node) -> None:
@@ -371,6 +409,8 @@ def rule_token_matmul(ctx: RewriteContext, node: ir.Node) -> None:
         raise Unsupported("the right operand varies over some heads only")
     if per_item and (lead[0] != ("b",) or len(ms) != rank):
         raise Unsupported("a per-sample matrix whose batch axis does not lead")
+    if per_item:  # before the matrix is made full: its scatter may then keep the original layout
+        ctx.grids.shared_batch.add(src.res.name)
     matrix = _right_operand(ctx, node, m)
     b = ctx.graph
     n = ms[-1]
@@ -391,24 +431,18 @@ def rule_token_matmul(ctx: RewriteContext, node: ir.Node) -> None:
         # tokens: one batched MatMul [B, heads..., M/B, k] x [B, heads..., k, n].
         ctx.grids.shared_batch.add(src.res.name)
         batch, h = layout.size("b"), len(heads)
-        items = b.op("Reshape", [src.vals, b.const(np.array([batch, -1, *layout.feature_shape], np.int64),
-                                                   "c:items_shape")], hint=f"items::{node.name}")
-        if h:
-            items = b.op("Transpose", [items], hint=f"heads_first::{node.name}", perm=[0, *range(2, h + 2), 1, h + 2])
         mat_shape = [batch, *(head_sizes or [1] * h), ms[-2], n]
         mat = b.op("Reshape", [matrix, b.const(np.array(mat_shape, np.int64), "c:mat_shape")], hint=f"mat::{node.name}")
-        out = b.op("MatMul", [items, mat], hint=f"mm::{node.name}")
-        if h:
-            out = b.op("Transpose", [out], hint=f"tokens_first::{node.name}", perm=[0, h + 1, *range(1, h + 1), h + 2])
-        vals = b.op("Reshape", [out, b.const(np.array([-1, *layout.feature_shape[:-1], n], np.int64),
-                                             "c:token_rows")], hint=f"vals::{node.outputs[0].name}")
+        items = b.op("MatMul", [_rows_to_items(ctx, src, node.name), mat], hint=f"items::{node.outputs[0].name}")
     else:
-        vals = product(src.vals, matrix)
+        items, vals = None, product(src.vals, matrix)
     n_atom = layout.fresh("n")
     out_layout = TokenLayout((*lead, layout.axes[-2], (n_atom,)), (*heads, n_atom),
                              (*((a, s) for a, s in layout.sizes if a != k), (n_atom, n)))
+    if items is not None:
+        vals = _items_to_rows(ctx, items, out_layout, node.outputs[0].name)
     note = "attention: active queries" if len(ms) > 2 else "per token: linear"
-    _report(ctx, node, src, note + _set_result(ctx, node.outputs[0], vals, src, src.mask, out_layout),
+    _report(ctx, node, src, note + _set_result(ctx, node.outputs[0], vals, src, src.mask, out_layout, items),
             prod(layout.feature_shape) * n)
 
 

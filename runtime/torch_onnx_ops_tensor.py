@@ -109,6 +109,17 @@ def scatter_nd(attrs: NodeAttrs, x: Inputs) -> torch.Tensor:
     return out
 
 
+def scatter_elements(attrs: NodeAttrs, x: Inputs) -> torch.Tensor:
+    """A copy of ``data`` with ``data[..., indices[i], ...] = updates[i]`` along ``axis`` (reduction
+    ``none`` only; negative indices count from the end)."""
+    if (attrs.get("reduction", "none") or "none") != "none":
+        raise ValueError("ScatterElements with a reduction is not supported")
+    data, indices, updates = x[0], x[1].long(), x[2]
+    axis = normalize_axis(attrs.get("axis", 0), data.dim())
+    indices = torch.where(indices < 0, indices + data.shape[axis], indices)
+    return data.clone().scatter_(axis, indices, updates.to(data.dtype))
+
+
 def reshape(attrs: NodeAttrs, x: Inputs) -> torch.Tensor:
     """Reshape to the ``shape`` input: ``-1`` is inferred, ``0`` copies the input dim unless ``allowzero``."""
     data, shape = x[0], to_ints(x[1])
@@ -336,6 +347,7 @@ TENSOR_OPS: dict[str, OpFn] = {
     "Slice": slice_,
     "Gather": gather,
     "ScatterND": scatter_nd,
+    "ScatterElements": scatter_elements,
     "GatherElements": gather_elements,
     "Reshape": reshape,
     "Flatten": flatten,

@@ -215,3 +215,41 @@ def test_whole_cache_updates_make_the_edit_the_new_original(self_block: onnx.Mod
     assert np.abs(out - want).max() <= EXACT_TOLERANCE * np.abs(want).max()
     stale = oracle(first)[0]
     assert np.abs(stale - want).max() > 100 * EXACT_TOLERANCE * np.abs(want).max()
+
+
+@pytest.mark.parametrize("layout_of", ["keys_t", "values", "tokens"])
+def test_scatter_in_place_layout_equals_the_canonical_scatter(layout_of: str) -> None:
+    """With batch items sharing one tile set, the ScatterElements scatter (original layout) writes
+    exactly what the canonical-row ScatterND scatter writes, for the layouts attention reads."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from sigec.passes.graph_builder import GraphBuilder
+    from sigec.passes.sparse_forms import Resolution
+    from sigec.passes.token_graph import build_token_index, scatter_items, scatter_tokens
+
+    batch, heads, dim, side, tile = 2, 2, 3, 8, 2
+    tokens = TokenLayout.of_map(batch, heads * dim, side, side).transpose((0, 2, 3, 1)).reshape(
+        (batch, side * side, heads * dim))
+    layout = {"tokens": tokens,
+              "values": tokens.reshape((batch, side * side, heads, dim)).transpose((0, 2, 1, 3)),
+              "keys_t": tokens.reshape((batch, side * side, heads, dim)).transpose((0, 2, 3, 1))}[layout_of]
+    cells = [(1, 2), (3, 0), (0, 3)]
+    coords = np.array([(b, y, x) for b in range(batch) for y, x in cells], np.int64)
+    m = len(coords) * tile * tile
+    graph = ir.Graph([], [], nodes=[], opset_imports={"": 18})
+    g = GraphBuilder(graph)
+    cache = g.input("cache", ir.DataType.FLOAT, list(layout.shape))
+    vals = g.input("vals", ir.DataType.FLOAT, [m, *layout.feature_shape])
+    index = build_token_index(g, g.input("coords", ir.DataType.INT64, [len(coords), 3]), Resolution(side, side, tile))
+    in_place = scatter_items(g, cache, vals, layout, index, "in_place")
+    assert in_place is not None
+    g.output(in_place, ir.DataType.FLOAT, list(layout.shape))
+    g.output(scatter_tokens(g, cache, vals, layout, index, "rows"), ir.DataType.FLOAT, list(layout.shape))
+    proto = ir.serde.serialize_model(ir.Model(graph, ir_version=10))
+    rng = np.random.default_rng(0)
+    feeds = {"cache": rng.standard_normal(layout.shape).astype(np.float32),
+             "vals": rng.standard_normal((m, *layout.feature_shape)).astype(np.float32), "coords": coords}
+    a, b = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    np.testing.assert_array_equal(a, b)
+    assert (a != feeds["cache"]).sum() == m * int(np.prod(layout.feature_shape))  # every active token written
