@@ -177,6 +177,10 @@ def _has_static_input(w: NodeWalk, node: ir.Node) -> bool:
     return any(v is not None and v.name in w.static and not w.ctx.forms.has(v) for v in node.inputs)
 
 
+def _reads_tokens(w: NodeWalk, node: ir.Node) -> bool:
+    return any(v is not None and w.ctx.forms.has(v) and isinstance(w.ctx.forms.get(v), Tokens) for v in node.inputs)
+
+
 def _reduces_a_sparse_map(w: NodeWalk, node: ir.Node) -> bool:
     return (node.domain in ONNX_DOMAINS and node.op_type in GLOBAL_RULES and bool(node.inputs)
             and isinstance(w.ctx.forms.get(node.inputs[0]), Sparse))
@@ -202,6 +206,7 @@ DECISIONS: tuple[Step, ...] = (
     Step("downstream of a dense island (exact)", lambda w, n: w.ctx.exact and any(w.island_inputs(n)),
          _dense("downstream of a global op (exact mode)")),
     Step("token rule", lambda w, n: n.domain in ONNX_DOMAINS and takes_token_rule(w.ctx, n), _apply(TOKEN_RULES)),
+    Step("token rule declined", _reads_tokens, _dense("a token rule declined: dense island")),
     Step("global reduction", _reduces_a_sparse_map, _apply(GLOBAL_RULES)),
     Step("no feature-map output", _without_feature_map_output, _dense("non-spatial values: part of a dense island")),
     Step("inside a dense island", _inside_island, _dense("inside a dense island")),
@@ -243,18 +248,20 @@ class BuildSparseGraphPass(ir.passes.FunctionalPass):
     7. token rule (passes/token_rules.py): a view of a sparse map as tokens, or an op on such
        tokens (per-token ops, attention), computed on the active tiles' tokens; a rule that
        declines leaves the node to the next steps;
-    8. global reduction (passes/global_rules.py): a spatial reduction of a sparse map, updated
+    8. token rule declined: any other node reading tokens runs dense on full tensors (its token
+       inputs scattered into their caches): tokens are no feature maps for the later rules;
+    9. global reduction (passes/global_rules.py): a spatial reduction of a sparse map, updated
        from the active tiles (declining: next steps);
-    9. no feature-map output (a node with a rule): dense, part of an island;
-    10. inside a dense island (a node with a rule whose inputs are all island outputs and whose
+    10. no feature-map output (a node with a rule): dense, part of an island;
+    11. inside a dense island (a node with a rule whose inputs are all island outputs and whose
         outputs lie on no resolution the edit reaches): dense;
-    11. dense resolution (approx mode, ``dense_resolutions``): dense on full maps;
-    12. sparse rule (passes/sparse_rules.py): computed on the active tiles; a rule that declines
-        (``Unsupported``) leaves the node to steps 13 and 14 with its reason;
-    13. global op (attention, reductions, reshapes, global pooling, a Split or Slice whose rule
+    12. dense resolution (approx mode, ``dense_resolutions``): dense on full maps;
+    13. sparse rule (passes/sparse_rules.py): computed on the active tiles; a rule that declines
+        (``Unsupported``) leaves the node to steps 14 and 15 with its reason;
+    14. global op (attention, reductions, reshapes, global pooling, a Split or Slice whose rule
         declined): a dense island; in approx mode downstream tiles read its output only on active
         tiles (recorded as an approximation);
-    14. unsupported: dense with ``fallback="dense"``, else listed in one CompileError.
+    15. unsupported: dense with ``fallback="dense"``, else listed in one CompileError.
 
     Finally model outputs that are sparse are scattered into their cached original (the one
     full-size write); other outputs are copied under their names. ``decisions`` maps each node's

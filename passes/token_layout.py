@@ -59,12 +59,6 @@ class TokenLayout:
         return (len(self.axes) == 4 and self.axes[0] == ("b",) and self.axes[2] == ("y",) and self.axes[3] == ("x",)
                 and len(self.axes[1]) == 1 and self.axes[1] == self.features)
 
-    def signature(self) -> tuple:
-        """The layout up to the names of its feature atoms (equal signatures: element-wise compatible vals)."""
-        index = {a: f"f{i}" for i, a in enumerate(self.features)}
-        return (tuple(tuple(index.get(a, a) for a in axis) for axis in self.axes), self.feature_shape,
-                tuple(self.size(a) for a in SPATIAL))
-
     def axis_of(self, atom: str) -> int:
         """The axis holding ``atom``."""
         for i, axis in enumerate(self.axes):

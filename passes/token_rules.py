@@ -209,6 +209,17 @@ def _operand(ctx: RewriteContext, value: ir.Value, layout: TokenLayout, src: Tok
     return b.op("Gather", [x, idx], hint=f"per_token::{value.name}", axis=0)
 
 
+def _broadcasts(operand: Tokens, main: Tokens) -> bool:
+    """True when ``operand.vals`` broadcasts against ``main.vals`` as the original tensors do: the same
+    grid and layout, each feature of the same size or 1 (an RMS norm's ``x / rms(x)``)."""
+    if operand.res != main.res or len(operand.layout.features) != len(main.layout.features):
+        return False
+    rename = dict(zip(operand.layout.features, main.layout.features))
+    axes = tuple(tuple(rename.get(a, a) for a in axis) for axis in operand.layout.axes)
+    sizes = zip(operand.layout.feature_shape, main.layout.feature_shape)
+    return axes == main.layout.axes and all(n in (1, m) for n, m in sizes)
+
+
 def rule_token_elementwise(ctx: RewriteContext, node: ir.Node) -> None:
     """Element-wise ops: tokens operands of the output's layout, other operands broadcast per token."""
     out_shape = static_shape(node.outputs[0])
@@ -216,14 +227,13 @@ def rule_token_elementwise(ctx: RewriteContext, node: ir.Node) -> None:
     main = next((f for f, v in zip(forms, node.inputs) if isinstance(f, Tokens) and static_shape(v) == out_shape), None)
     if main is None:
         raise Unsupported("no tokens operand has the output's shape")
-    signature = main.layout.signature()
     operands: list[ir.Value | None] = []
     masks: list[MaskId | None] = []
     for i, (value, form) in enumerate(zip(node.inputs, forms)):
         if value is None:
             operands.append(None)
         elif isinstance(form, Tokens):
-            if form.layout.signature() != signature or form.res != main.res:
+            if not _broadcasts(form, main):
                 raise Unsupported(f"tokens operand '{value.name}' has another layout")
             operands.append(form.vals)
             masks.append(form.mask)
@@ -393,21 +403,21 @@ def rule_token_matmul(ctx: RewriteContext, node: ir.Node) -> None:
     if rank < 2 or layout.axes[-2] not in (("y", "x"), ("b", "y", "x")):
         raise Unsupported("the rows of the MatMul are not the tokens")
     k, _ = _feature_axis(layout, rank - 1)
-    lead = layout.axes[:-2]
-    if any(len(ax) > 1 for ax in lead):
-        raise Unsupported("a batch axis of the MatMul merges several atoms")
-    heads = [ax[0] for ax in lead if ax and ax[0] != "b"]
+    lead = layout.axes[:-2]  # each (), (b,), (head,) or (b, head) (heads folded into the batch)
+    if any(len(ax) > 2 or (len(ax) == 2 and ax[0] != "b") for ax in lead):
+        raise Unsupported("a batch axis of the MatMul merges atoms other than batch and one head axis")
+    heads = [ax[-1] for ax in lead if ax and ax[-1] != "b"]
     if list(layout.features) != [*heads, k]:
         raise Unsupported("the token features are not stored as [heads..., k]")
     ms = static_shape(m)
     if ms is None or len(ms) < 2 or ms[-2] != layout.size(k) or len(ms) - 2 > len(lead):
         raise Unsupported(f"the right operand's shape {ms} does not multiply the tokens")
     m_lead = (1,) * (len(lead) - (len(ms) - 2)) + tuple(ms[:-2])
-    per_item = any(ax == ("b",) and d > 1 for ax, d in zip(lead, m_lead))
-    per_head = [d > 1 for ax, d in zip(lead, m_lead) if ax and ax[0] != "b"]
+    per_item = any("b" in ax and d > 1 for ax, d in zip(lead, m_lead))
+    per_head = [d > 1 for ax, d in zip(lead, m_lead) if ax and ax[-1] != "b"]
     if any(per_head) and not all(per_head):
         raise Unsupported("the right operand varies over some heads only")
-    if per_item and (lead[0] != ("b",) or len(ms) != rank):
+    if per_item and (not lead or "b" not in lead[0] or len(ms) != rank):
         raise Unsupported("a per-sample matrix whose batch axis does not lead")
     if per_item:  # before the matrix is made full: its scatter may then keep the original layout
         ctx.grids.shared_batch.add(src.res.name)

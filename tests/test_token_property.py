@@ -7,30 +7,26 @@ For every drawn net: the ONNX graph equals the PyTorch code it stands for (so th
 exporter patterns mean what they claim), prime / run_dense / the sparse run equal ONNX Runtime on
 the original model (forced sparse path), and, when the tile size divides the map, the token rules
 really applied: no node runs dense (MatMul, LayerNormalization, Softmax, ... on the active tokens),
-except dense islands that start at a known gap of the token rules (``KNOWN_GAPS``, each with a
-strict-xfail regression test below, so fixing a gap fails that test until it is removed). When the
-tile does not divide the map, the token rules decline, the token nodes run dense and the engine
+and the regression tests below pin the nets on which they once did not. When the tile does not
+divide the map, the token rules decline, the token nodes run dense and the engine
 stays exact.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from hypothesis import event, example, given, settings
-from hypothesis.errors import InvalidArgument
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from helpers import (EXACT_TOLERANCE, always_sparse, assert_exact, compare_with_oracle, engine_from_proto, examples,
                      ort_oracle, rel_err)
 from random_token_nets import HEAD_VIEWS, OPS, VIEWS, TokenNetSpec, token_module, token_net, torch_reference
-from sigec.core.errors import CompileError
 from sigec.frontends.torch_frontend import export_module
 
 TILE = 4
@@ -40,84 +36,15 @@ TOKEN_OPS = ("MatMul", "LayerNormalization", "Softmax")
 MASKS = ("pixel", "rect", "one_item", "border", "full")
 
 
-# ----- known gaps of the token rules (passes/token_rules.py) --------------------------------------
-# A dense island may start only at a node where a known gap starts; each gap has a strict-xfail test
-# below (so a fix fails it until the gap is removed here). A known crash may make the compile fail.
-
-
-@dataclass(frozen=True)
-class _Net:
-    """What the gap predicates look at: the canonical-model view of one net."""
-
-    spec: TokenNetSpec
-    producers: dict[str, onnx.NodeProto]
-    shapes: dict[str, list[int]]
-
-    @staticmethod
-    def of(proto: onnx.ModelProto, spec: TokenNetSpec) -> _Net:
-        inferred = onnx.shape_inference.infer_shapes(proto)
-        shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-                  for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
-        return _Net(spec, {o: n for n in proto.graph.node for o in n.output}, shapes)
-
-
-def _rms_mul(node: onnx.NodeProto, net: _Net) -> bool:
-    """RMS norm's ``x * rsqrt(mean(x^2) + eps)``: a Mul of tokens by a Reciprocal of a token reduction."""
-    return node.op_type == "Mul" and any(i in net.producers and net.producers[i].op_type == "Reciprocal"
-                                         for i in node.input)
-
-
-def _folded_matmul(node: onnx.NodeProto, net: _Net) -> bool:
-    """A MatMul whose token operand has batch-folded heads ``[B * h, HW, d]`` (h > 1): Linear or attention."""
-    s = net.spec
-    return (node.op_type == "MatMul" and s.heads_view == "folded" and s.heads > 1
-            and net.shapes.get(node.input[0], [])[:2] == [s.batch * s.heads, s.height * s.width])
-
-
-KNOWN_GAPS: dict[str, tuple[Callable[[onnx.NodeProto, _Net], bool], str]] = {
-    "rms_norm_mul": (_rms_mul, "Mul of tokens [..., C] by tokens [..., 1] (RMS norm) declines ('tokens operand "
-                               "... has another layout'): a dense island, the rest of the net runs dense"),
-    "folded_heads_matmul": (_folded_matmul, "MatMul on batch-folded heads [B*h, HW, d] declines ('a batch axis of "
-                                            "the MatMul merges several atoms'): Linear and attention run dense"),
-}
-KNOWN_CRASHES: dict[str, tuple[Callable[[TokenNetSpec], bool], str]] = {
-    "rms_norm_on_heads": (lambda s: s.heads_view == "heads" and "rms_norm" in s.ops,
-                          "RMS norm on heads [B, h, HW, d]: CompileError \"'Mul': input ... is a token view, not "
-                          "a feature map\" (the declined 4-D element-wise op reaches the sparse rule, then "
-                          "'unsupported')"),
-}
-
-
-def _gap_roots(proto: onnx.ModelProto, spec: TokenNetSpec) -> dict[str, str]:
-    """Node name -> known gap, for the nodes of ``proto`` where a known gap starts."""
-    net = _Net.of(proto, spec)
-    return {n.name: gap for n in proto.graph.node for gap, (starts, _) in KNOWN_GAPS.items() if starts(n, net)}
-
-
-def check_token_nodes(engine, proto: onnx.ModelProto, spec: TokenNetSpec) -> list[str]:
-    """Tile divides the map: every node that is not static or constant runs sparse, except dense
-    islands starting at a known gap (and what follows them). Returns the gaps met."""
+def check_token_nodes(engine, spec: TokenNetSpec) -> None:
+    """Tile divides the map: every node that is not static or constant runs sparse."""
     nodes = engine.manifest["nodes"]
     kinds = Counter((n["op_type"], n["kind"]) for n in nodes)
-    roots = _gap_roots(proto, spec)
-    islands = [n for n in nodes if n["kind"] == "dense" and "downstream of" not in n.get("note", "")]
-    unexplained = [f"{n['name']} ({n['op_type']}): {n.get('note')}" for n in islands if n["name"] not in roots]
-    assert not unexplained, f"token rules did not apply: {unexplained}; {spec}"
-    met = sorted({roots[n["name"]] for n in islands})
-    if not met:
-        assert not [n for n in nodes if n["kind"] == "dense"], kinds
-        for op in TOKEN_OPS:
-            assert not kinds[(op, "dense")], (op, kinds)
-        assert kinds[("Conv", "sparse")] == 2 and kinds[("Transpose", "sparse")] >= 2, kinds
-    return met
-
-
-def _event(value: str) -> None:
-    """hypothesis.event inside a property test; nothing elsewhere (the fixed tests)."""
-    try:
-        event(value)
-    except InvalidArgument:
-        pass
+    dense = [f"{n['name']} ({n['op_type']}): {n.get('note')}" for n in nodes if n["kind"] == "dense"]
+    assert not dense, f"token rules did not apply: {dense}; {spec}"
+    for op in TOKEN_OPS:
+        assert not kinds[(op, "dense")], (op, kinds)
+    assert kinds[("Conv", "sparse")] == 2 and kinds[("Transpose", "sparse")] >= 2, kinds
 
 
 # ----- strategies ---------------------------------------------------------------------------------
@@ -156,8 +83,8 @@ def _edit(spec: TokenNetSpec, inputs: dict[str, np.ndarray], kind: str, rng: np.
     return edited, mask
 
 
-def check_spec(spec: TokenNetSpec, kind: str, backend: str = "ort", proto: onnx.ModelProto | None = None) -> list[str]:
-    """Compile ``spec`` (or its given export ``proto``) in exact mode and check it; returns the known gaps met."""
+def check_spec(spec: TokenNetSpec, kind: str, backend: str = "ort", proto: onnx.ModelProto | None = None) -> None:
+    """Compile ``spec`` (or its given export ``proto``) in exact mode and check it."""
     own = proto is None
     proto = token_net(spec) if own else proto
     rng = np.random.default_rng(spec.seed)
@@ -165,14 +92,7 @@ def check_spec(spec: TokenNetSpec, kind: str, backend: str = "ort", proto: onnx.
     oracle = ort_oracle(proto)
     if own:  # the ONNX patterns compute what the PyTorch code does
         assert rel_err(oracle(inputs)[0], torch_reference(spec)(inputs)) <= EXACT_TOLERANCE
-    crashes = [name for name, (hits, _) in KNOWN_CRASHES.items() if hits(spec)]
-    try:
-        engine = always_sparse(engine_from_proto(proto, mode="exact", tile_size=TILE, backend=backend))
-    except CompileError:
-        if crashes:
-            _event(f"known crash: {crashes}")
-            return crashes
-        raise
+    engine = always_sparse(engine_from_proto(proto, mode="exact", tile_size=TILE, backend=backend))
     edited, mask = _edit(spec, inputs, kind, rng)
     c = compare_with_oracle(engine, oracle, inputs, edited, mask)
     assert_exact(c, context=str(spec))
@@ -180,10 +100,8 @@ def check_spec(spec: TokenNetSpec, kind: str, backend: str = "ort", proto: onnx.
         # the token rules decline at the first view: only the input conv runs sparse
         sparse = [n["name"] for n in engine.manifest["nodes"] if n["kind"] == "sparse"]
         assert len(sparse) == 1 and sparse[0] == proto.graph.node[0].name, sparse
-        return []
-    met = check_token_nodes(engine, proto, spec)
-    _event(f"known gaps: {met}" if met else "every token node sparse")
-    return met
+        return
+    check_token_nodes(engine, spec)
 
 
 # ----- property tests -----------------------------------------------------------------------------
@@ -228,30 +146,24 @@ def test_exported_token_nets_are_exact_and_sparse(name: str) -> None:
     proto = export_module(token_module(spec), example_inputs)
     inputs = spec.random_inputs(np.random.default_rng(1))
     assert rel_err(ort_oracle(proto)(inputs)[0], ort_oracle(token_net(spec))(inputs)[0]) <= EXACT_TOLERANCE
-    assert check_spec(spec, "rect", proto=proto) == []
+    check_spec(spec, "rect", proto=proto)
 
 
-# ----- known gaps: minimal reproductions (strict xfail: they fail the suite once fixed) -----------
+# ----- regressions: nets on which the token rules once declined or failed -----------------------
 
 
 def _minimal(**changes) -> TokenNetSpec:
     return replace(TokenNetSpec(1, 8, 8, 8, heads=2, ops=("rms_norm",)), **changes)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_GAPS["rms_norm_mul"][1])
-@pytest.mark.parametrize("heads_view", ["none", "folded"])
-def test_gap_rms_norm_runs_sparse(heads_view: str) -> None:
-    spec = _minimal(heads_view=heads_view)
-    assert check_spec(spec, "rect") == []
+@pytest.mark.parametrize("heads_view", ["none", "folded", "heads"])
+def test_rms_norm_runs_sparse(heads_view: str) -> None:
+    """RMS norm multiplies tokens [..., C] by tokens [..., 1] (a broadcasting tokens operand); on heads
+    [B, h, HW, d] its declined Mul once reached the map rules and failed the compile."""
+    check_spec(_minimal(heads_view=heads_view), "rect")
 
 
-@pytest.mark.xfail(strict=True, raises=CompileError, reason=KNOWN_CRASHES["rms_norm_on_heads"][1])
-def test_gap_rms_norm_on_heads_compiles() -> None:
-    proto = token_net(_minimal(heads_view="heads"))
-    engine_from_proto(proto, mode="exact", tile_size=TILE, backend="ort")
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_GAPS["folded_heads_matmul"][1])
 @pytest.mark.parametrize("ops", [("linear",), ("cross_softmax",)])
-def test_gap_folded_heads_matmul_runs_sparse(ops: tuple[str, ...]) -> None:
-    assert check_spec(_minimal(heads_view="folded", ops=ops), "rect") == []
+def test_folded_heads_matmul_runs_sparse(ops: tuple[str, ...]) -> None:
+    """Linear and attention on batch-folded heads [B*h, HW, d] (older attention processors)."""
+    check_spec(_minimal(heads_view="folded", ops=ops), "rect")
