@@ -19,6 +19,8 @@ REL_L2_TOLERANCE = 1e-4
 SMALL_MODELS = ["tiny_local", "ddpm_unet", "sd_vae_decoder", "spade", "spade_fused", "resnet9"]
 # Latent-diffusion models (other output shapes, non-image inputs): tested in test_zoo_transformers.py.
 LATENT_MODELS = ["sd_unet", "dit", "sd_vae_encoder"]
+# Detectors (a one-channel probability map): tested in test_mobile_det.py.
+DETECTION_MODELS = ["mobile_det"]
 # Exports are slow (seconds each), so each model is exported once in the test suite: the
 # purely local models tiny_local and resnet9 are exported end to end (CLI factory -> export ->
 # ONNX Runtime) in test_torch_frontend.py, the others here.
@@ -39,7 +41,7 @@ def small_model(name: str) -> tuple[nn.Module, dict[str, torch.Tensor], torch.Te
 
 
 def test_registry_lists_the_small_models():
-    assert sorted(zoo.MODELS) == sorted(SMALL_MODELS + LATENT_MODELS)
+    assert sorted(zoo.MODELS) == sorted(SMALL_MODELS + LATENT_MODELS + DETECTION_MODELS)
 
 
 def test_build_unknown_name_is_a_value_error_naming_the_models():

@@ -2,7 +2,8 @@
 
 Every factory takes ``small`` (test size) and ``batch`` and returns ``(module.eval(), inputs)``
 where ``inputs`` maps the forward's parameter names to example tensors. Nothing is downloaded;
-weights come from a fixed seed. ``ddpm_unet``, ``sd_vae_decoder``, ``sd_vae_encoder``, ``sd_unet``
+weights come from a fixed seed. ``mobile_det`` (a PP-OCR-style DB text detector) returns a
+one-channel probability map. ``ddpm_unet``, ``sd_vae_decoder``, ``sd_vae_encoder``, ``sd_unet``
 and ``dit`` need diffusers. ``sd_unet``'s ``batch`` defaults to 2 (classifier-free guidance).
 """
 
@@ -21,6 +22,7 @@ from sigec.apps.zoo.sd_unet import sd_unet
 from sigec.apps.zoo.sd_vae import sd_vae_decoder, sd_vae_encoder
 from sigec.apps.zoo.gaugan import spade, spade_fused
 from sigec.apps.zoo.local_conv import tiny_local
+from sigec.apps.zoo.mobile_det import mobile_det
 
 ModelFactory = Callable[..., tuple[nn.Module, dict[str, torch.Tensor]]]
 
@@ -34,6 +36,7 @@ MODELS: dict[str, ModelFactory] = {
     "sd_unet": sd_unet,
     "dit": dit,
     "sd_vae_encoder": sd_vae_encoder,
+    "mobile_det": mobile_det,
 }
 
 
@@ -57,6 +60,7 @@ __all__ = [
     "dit",
     "edit_label_map",
     "label_boundaries",
+    "mobile_det",
     "random_label_map",
     "resnet9",
     "sd_unet",

@@ -107,3 +107,13 @@ def sd_vae_encoder() -> Built:
 def sd_vae_encoder_small() -> Built:
     """SD VAE encoder, test size (64 px -> 8x8 latent)."""
     return build("sd_vae_encoder", small=True)
+
+
+def mobile_det() -> Built:
+    """PP-OCR-style DB text detector (MobileNetV3-large x0.5 with ten SE blocks, DBFPN 96), 640 px."""
+    return build("mobile_det")
+
+
+def mobile_det_small() -> Built:
+    """Mobile DB detector, test size (64 px, scale 0.25, FPN 32)."""
+    return build("mobile_det", small=True)
