@@ -17,6 +17,7 @@ import onnxscript.optimizer
 from sigec.core.errors import CompileError
 from sigec.core.options import DEFAULT_OPSET
 from sigec.passes._ir_utils import static_shape
+from sigec.passes.decompose_attention import DecomposeAttentionPass
 from sigec.passes.fold_batchnorm import FoldBatchNormPass
 from sigec.passes.fold_pad_into_conv import FoldPadIntoConvPass
 from sigec.passes.focus_to_space_to_depth import FocusToSpaceToDepthPass
@@ -263,7 +264,8 @@ def canonicalize(proto: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
     Steps: pin input shapes; convert an older default opset to DEFAULT_OPSET; infer shapes with onnx;
     fold constants; name unnamed nodes and values; complete the shapes (ONNX Runtime on zeros where
     onnx gives up); run 5-D operations over a singleton depth axis as 2-D ones; rewrite "Focus"
-    slices as SpaceToDepth; fold Pad and BatchNorm into Conv; remove unused nodes; sort; check that
+    slices as SpaceToDepth; write the Attention operator (opset 23) as MatMul/Softmax; fold Pad
+    and BatchNorm into Conv; remove unused nodes; sort; check that
     every value read has a static shape.
     """
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
@@ -281,6 +283,7 @@ def canonicalize(proto: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
         SqueezeSingletonAxesPass(),
         ir.passes.common.RemoveUnusedNodesPass(),  # its leftovers would block the folds below
         FocusToSpaceToDepthPass(),
+        DecomposeAttentionPass(),
         FoldPadIntoConvPass(),
         FoldBatchNormPass(),
         ir.passes.common.RemoveUnusedNodesPass(),
