@@ -12,7 +12,10 @@ none of them modifies):
    tiles of every activation cache;
 4. :class:`~sigec.passes.build_full_graph.BuildFullGraphPass` builds FULL (the model plus the
    caches the pruned SPARSE graph reads, and frozen normalisation statistics);
-5. :func:`~sigec.passes.sparse_manifest.build_manifest` describes the graphs.
+5. :func:`~sigec.passes.sparse_manifest.build_manifest` describes the graphs;
+6. passes/half_caches.py (``cache_dtype`` "float16" / "bfloat16"): the caches that only TileGather
+   and TileScatter read are stored in half precision (SPARSE inputs retyped, FULL outputs cast,
+   manifest entries updated).
 
 DENSE is the canonical model itself. The graphs leave as ``onnx.ModelProto`` with their weights.
 """
@@ -27,10 +30,12 @@ import onnx
 import onnx_ir as ir
 
 from sigec.core.errors import CompileError
-from sigec.core.options import DEFAULT_APPROX_DILATION, DEFAULT_TILE_SIZE, FALLBACKS, MODES
+from sigec.core.options import DEFAULT_APPROX_DILATION, DEFAULT_CACHE_DTYPE, DEFAULT_TILE_SIZE, FALLBACKS, MODES
 from sigec.passes.build_full_graph import BuildFullGraphPass
 from sigec.passes.build_sparse_graph import BuildSparseGraphPass
 from sigec.passes.cache_update_outputs import AddCacheUpdateOutputsPass
+from sigec.passes.half_caches import (CastFullCachesPass, HalfCacheInputsPass, check_cache_dtype, choose_half_caches,
+                                      half_cache_manifest)
 from sigec.passes.remove_unused_inputs import RemoveUnusedInputsPass
 from sigec.passes.sparse_context import RewriteContext, RewriteOptions, SpatialInputs
 from sigec.passes.sparse_manifest import build_manifest
@@ -59,18 +64,22 @@ def _options(mode: str, tile_size: int | Mapping[str, int], fallback: str,
 
 def rewrite(model: ir.Model, *, mode: str = "approx", tile_size: int | dict[str, int] = DEFAULT_TILE_SIZE,
             fallback: str = "error", threshold: float = 0.0, dilation: int = 0, approx_dilation: int = DEFAULT_APPROX_DILATION,
-            dense_resolutions: tuple[str, ...] = ()) -> RewriteResult:
+            dense_resolutions: tuple[str, ...] = (), cache_dtype: str | None = None) -> RewriteResult:
     """Rewrite a canonical model into FULL, SPARSE and DENSE graphs plus manifest fields.
 
     ``tile_size`` is one size or a mapping from resolution names (``"r64x64"``) and ``"default"``
     to sizes (unnamed resolutions: ``default``, else DEFAULT_TILE_SIZE). ``dense_resolutions``
     (approx mode): resolution names such as ``"r8x8"`` whose nodes run dense. ``threshold``,
-    ``dilation`` and ``approx_dilation`` go into the mask program.
+    ``dilation`` and ``approx_dilation`` go into the mask program. ``cache_dtype`` ("float32",
+    "float16" or "bfloat16"; None: DEFAULT_CACHE_DTYPE of the mode) is the precision of the caches
+    only TileGather/TileScatter read (passes/half_caches.py); the manifest's
+    ``options.cache_dtype`` records it.
     """
     if mode not in MODES:
         raise CompileError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if fallback not in FALLBACKS:
         raise CompileError(f"fallback must be one of {', '.join(FALLBACKS)}, not {fallback!r}")
+    cache_dtype = check_cache_dtype(DEFAULT_CACHE_DTYPE[mode] if cache_dtype is None else cache_dtype)
     spatial = SpatialInputs.of(model)
     ctx = RewriteContext.create(model, _options(mode, tile_size, fallback, tuple(dense_resolutions)), spatial)
     sparse = BuildSparseGraphPass(ctx)(model).model
@@ -83,5 +92,11 @@ def rewrite(model: ir.Model, *, mode: str = "approx", tile_size: int | dict[str,
     full = BuildFullGraphPass(caches, ctx.caches.stats, ctx.batch)(model).model
     manifest = build_manifest(ctx, model, sparse.graph, caches, threshold=threshold, dilation=dilation,
                               approx_dilation=approx_dilation)
+    half = choose_half_caches(sparse.graph, caches, cache_dtype)
+    if half.chosen:
+        sparse = HalfCacheInputsPass(half)(sparse).model
+        full = CastFullCachesPass(half, [v.name for v in model.graph.outputs])(full).model
+        manifest = half_cache_manifest(manifest, half)
+    manifest = {**manifest, "options": {**manifest.get("options", {}), "cache_dtype": cache_dtype}}
     return RewriteResult(full=ir.serde.serialize_model(full), sparse=ir.serde.serialize_model(sparse),
                          dense=ir.serde.serialize_model(model), manifest=manifest)

@@ -125,6 +125,11 @@ def build_plans(contents: Any, *, precisions: Sequence[str] = PRECISIONS, builde
     unknown = [g for g in graphs if g not in contents.graphs]
     if unknown:
         raise CompileError(f"the engine has no graphs {unknown}")
+    half = sorted({c["dtype"] for c in contents.manifest.get("caches", []) if c.get("dtype") in ("float16", "bfloat16")})
+    if half:  # one float type per plugin kernel (plugins/gpu/tensorrt_kernels.py): a half base would be misread
+        raise CompileError(f"the engine stores caches in {' and '.join(half)} (cache_dtype); the TensorRT plugins "
+                           f"read float32 caches only: compile it with cache_dtype='float32' (sigec compile "
+                           f"--cache-dtype float32) to build TensorRT plans")
     if builder is None:
         problems = missing_requirements()
         if problems:

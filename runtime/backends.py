@@ -18,7 +18,7 @@ from sigec.core.names import CACHE_PREFIX
 from sigec.core.ops import DOMAIN
 from sigec.core.options import BACKENDS
 from sigec.runtime.device_mirror import DeviceMirror
-from sigec.runtime.ort_binding import CacheBindings
+from sigec.runtime.ort_binding import BFLOAT16, CacheBindings, ort_value, to_numpy
 
 
 
@@ -107,10 +107,17 @@ class OrtRunner:
             raise BackendError(f"ONNX Runtime could not create a session for graph '{model.graph.name}': {exc}") from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
         self._input_set = frozenset(self.input_names)  # a set: feeds hold hundreds of names
+        # bfloat16 outputs (FULL's half caches) cannot come back through session.run's numpy conversion
+        self._bfloat16_outputs = frozenset(o.name for o in self.session.get_outputs() if o.type == "tensor(bfloat16)")
 
     def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
-        """Execute the graph with ONNX Runtime."""
-        return self.session.run(list(output_names), {k: v for k, v in feeds.items() if k in self._input_set})
+        """Execute the graph with ONNX Runtime (bfloat16 inputs or outputs go through ``OrtValue``s)."""
+        feeds = {k: v for k, v in feeds.items() if k in self._input_set}
+        if self._bfloat16_outputs.isdisjoint(output_names) and \
+                not any(getattr(v, "dtype", None) == BFLOAT16 for v in feeds.values()):
+            return self.session.run(list(output_names), feeds)
+        values = {k: ort_value(np.ascontiguousarray(v)) for k, v in feeds.items()}
+        return [to_numpy(v) for v in self.session.run_with_ort_values(list(output_names), values)]
 
     def bind_caches(self, caches: Mapping[str, np.ndarray]) -> CacheBindings:
         """Bindings of this session with ``caches`` bound once (runtime/ort_binding.py); their ``run``
@@ -130,7 +137,7 @@ class TorchRunner:
                  threads: int | None = None, resident_caches: bool | None = None) -> None:
         import torch
 
-        from sigec.runtime.torch_executor import TorchExecutor
+        from sigec.runtime.torch_executor import TorchExecutor, array_to_tensor
 
         if threads:
             torch.set_num_threads(int(threads))
@@ -139,7 +146,7 @@ class TorchRunner:
         self.input_names = list(self.executor.input_names)
         target = torch.device(device)
         resident = resident_caches if resident_caches is not None else target.type != "cpu"
-        self.mirror = DeviceMirror(lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(target, copy=True)) \
+        self.mirror = DeviceMirror(lambda a: array_to_tensor(np.ascontiguousarray(a)).to(target, copy=True)) \
             if resident else None
 
     def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
@@ -148,8 +155,10 @@ class TorchRunner:
         if self.mirror is not None:
             feeds = {k: self.mirror.get(v) if k.startswith(CACHE_PREFIX) and isinstance(v, np.ndarray) else v
                      for k, v in feeds.items()}
+        from sigec.runtime.torch_executor import tensor_to_array
+
         out = self.executor.run(feeds, list(output_names))
-        return [out[n].detach().cpu().numpy() for n in output_names]
+        return [tensor_to_array(out[n].detach().cpu()) for n in output_names]
 
     def forget(self, arrays: Sequence[np.ndarray]) -> None:
         """Drop device copies of cache arrays the engine changed."""

@@ -19,6 +19,15 @@ least recently used keys (a key is used by ``install`` and ``acquire``) until th
 new key itself is never evicted by its own install. ``check_fits`` refuses one entry larger than the
 bound. An evicted entry still held by a running call is freed when that call lets go of it. The
 last ``EVICTED_MEMORY`` evicted keys are remembered only to tell "evicted" from "never primed".
+
+Half-precision caches
+---------------------
+A cache's dtype is the manifest's (``caches[].dtype``): float16 or bfloat16 for the caches the
+compiler stores in half precision (passes/half_caches.py; bfloat16 arrays are ``ml_dtypes``', a
+dependency of onnx), float32 otherwise. ``Engine.prime`` keeps what the FULL graph returns after
+:func:`check_cache` (dtype, shape, and for float16 that the values fit its range); tile updates
+arrive as float32 SPARSE outputs and are converted explicitly by :func:`cast_tiles` before
+anything is written.
 """
 
 from __future__ import annotations
@@ -26,11 +35,12 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import Any, Hashable, Mapping
 
+import ml_dtypes  # noqa: F401 - registers numpy's "bfloat16" dtype name (half caches)
 import numpy as np
 
-from sigec.core.errors import CacheError
+from sigec.core.errors import BackendError, CacheError
 from sigec.runtime.rwlock import ReadWriteLock
 
 DEFAULT_KEY = "default"
@@ -57,6 +67,45 @@ class CacheEntry:
         """Bytes held by this entry."""
         return sum(a.nbytes for a in self.tensors.values()) + sum(a.nbytes for a in self.inputs.values()) + \
             sum(a.nbytes for a in self.outputs)
+
+
+HALF_DTYPES = (np.dtype("float16"), np.dtype("bfloat16"))
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def check_cache(spec: Mapping[str, Any], array: np.ndarray) -> None:
+    """Check a cache the FULL graph returned against its manifest entry ``spec``: dtype and shape
+    (a mismatch is a BackendError), and for a float16 cache that every value is finite (the FULL
+    graph's Cast turns values beyond +-65504 into infinities, which would corrupt every sparse run
+    reading them: a CacheError suggesting bfloat16 or float32)."""
+    if array.dtype != np.dtype(spec["dtype"]) or list(array.shape) != list(spec["shape"]):
+        raise BackendError(f"the FULL graph returned cache source '{spec['source']}' with shape "
+                           f"{list(array.shape)} and dtype {array.dtype}, expected {spec['shape']} {spec['dtype']}")
+    if array.dtype == np.float16 and not np.isfinite(array).all():
+        raise CacheError(f"cache '{spec['name']}' ({spec.get('origin', spec['source'])}) holds values beyond float16's "
+                         f"range (+-{FLOAT16_MAX:g}) or non-finite values; compile with cache_dtype='bfloat16' or "
+                         f"'float32'")
+
+
+def cast_tiles(vals: np.ndarray, dtype: np.dtype, cache: str) -> np.ndarray:
+    """Tiles to be written into cache ``cache`` of ``dtype``, as a C-contiguous array of that dtype.
+
+    Float32 tiles into a float16/bfloat16 cache are rounded to the nearest value (ties to even:
+    numpy's ``astype``, the same rounding as the FULL graph's Cast at ``prime``); a finite value
+    that overflows float16 raises CacheError, before anything is written.
+    """
+    dtype = np.dtype(dtype)
+    if vals.dtype == dtype:
+        return np.ascontiguousarray(vals)
+    with np.errstate(over="ignore"):  # overflow is reported below
+        out = np.asarray(vals).astype(dtype, order="C")
+    if dtype in HALF_DTYPES and not np.isfinite(out).all():
+        overflow = np.isfinite(np.asarray(vals, np.float32)) & ~np.isfinite(out.astype(np.float32))
+        if overflow.any():
+            raise CacheError(f"an update of cache '{cache}' holds values beyond {dtype}'s range "
+                             f"(largest {np.abs(vals[overflow]).max():g}); compile with cache_dtype='bfloat16' "
+                             f"or 'float32'")
+    return out
 
 
 def format_bytes(n: int) -> str:

@@ -63,7 +63,7 @@ from sigec.core.mask_program import TileIndex, dilate_for_run, normalize_mask, r
 from sigec.core.names import coords_input, grid_input
 from sigec.core.options import DENSE_FALLBACK_FRACTION
 from sigec.runtime import costs
-from sigec.runtime.cache_store import DEFAULT_KEY, CacheEntry, CacheStore, resolve_key
+from sigec.runtime.cache_store import DEFAULT_KEY, CacheEntry, CacheStore, cast_tiles, check_cache, resolve_key
 from sigec.runtime.input_validation import (Inputs, check_finite, check_finite_in_tiles, check_mask_options,
                                             check_static_inputs, validate_inputs)
 from sigec.runtime.tiles import gather_tiles, scatter_tiles_inplace, tile_grid
@@ -359,9 +359,7 @@ class Engine:
         tensors = {}
         for c in self.manifest["caches"]:
             array = np.asarray(results[c["source"]])
-            if array.dtype != np.dtype(c["dtype"]) or list(array.shape) != list(c["shape"]):
-                raise BackendError(f"the FULL graph returned cache source '{c['source']}' with shape "
-                                   f"{list(array.shape)} and dtype {array.dtype}, expected {c['shape']} {c['dtype']}")
+            check_cache(c, array)  # dtype (half caches: float16/bfloat16) and shape as the manifest says
             if not (array.flags.c_contiguous and array.flags.writeable) or \
                     any(np.may_share_memory(array, o) for o in others):
                 array = np.array(array, order="C", copy=True)
@@ -444,7 +442,8 @@ class Engine:
                 raise CacheError(f"tile coordinates of {res} fall outside the tile grid {list(grid)} of cache '{cache}'")
             if not (base.flags.c_contiguous and base.flags.writeable):
                 raise CacheError(f"cache '{cache}' of this key is not a writable C-contiguous array")
-            prepared.append(_PreparedUpdate(cache, np.ascontiguousarray(vals, dtype=base.dtype), coords,
+            # float32 tiles into a half cache: rounded explicitly here, before anything is written
+            prepared.append(_PreparedUpdate(cache, cast_tiles(vals, base.dtype, cache), coords,
                                             gather_tiles(base, coords, tile)))
         return prepared
 

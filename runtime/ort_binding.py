@@ -21,29 +21,56 @@ Contract
   binding is in use), so concurrent runs on one key never share one; there are at most as many as
   the key ever had concurrent runs. A binding whose run raised is dropped, not reused.
 - Results equal ``session.run`` on the same feeds: the same session runs the same values.
+- bfloat16 arrays (half-precision caches, ``ml_dtypes.bfloat16``), which ONNX Runtime's numpy
+  conversion does not know, are bound as their 16-bit patterns typed bfloat16 (:func:`ort_value`,
+  still without a copy) and returned through :func:`to_numpy`.
 """
 
 from __future__ import annotations
 
+import ctypes
+import math
 import threading
 from typing import Any, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+_ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
+
+
+def ort_value(array: np.ndarray) -> Any:
+    """A CPU ``OrtValue`` reading ``array``'s memory (C-contiguous; kept alive by the value)."""
+    import onnxruntime as ort
+
+    if array.dtype == BFLOAT16:
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), _ONNX_BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """An output ``OrtValue`` as a numpy array (a bfloat16 one copied out as ``ml_dtypes.bfloat16``)."""
+    if value.data_type() != "tensor(bfloat16)":
+        return value.numpy()
+    shape = tuple(value.shape())
+    count = math.prod(shape)
+    bits = np.empty(count, np.uint16)
+    if count:
+        ctypes.memmove(bits.ctypes.data, value.data_ptr(), 2 * count)
+    return bits.view(BFLOAT16).reshape(shape)
 
 
 class CacheBindings:
     """IOBindings of one session with one key's cache arrays bound, one per concurrent run."""
 
     def __init__(self, session: Any, caches: Mapping[str, np.ndarray], *, owner: object = None) -> None:
-        import onnxruntime as ort
-
         self._session = session
         self._caches = caches
         self._owner = owner  # the runner that made them: a replaced runner must not reuse them
         wanted = {i.name for i in session.get_inputs()}
         # The OrtValues share the arrays' memory and hold references to them (no copy).
-        self._values = {name: ort.OrtValue.ortvalue_from_numpy(array)
-                        for name, array in caches.items() if name in wanted}
+        self._values = {name: ort_value(array) for name, array in caches.items() if name in wanted}
         self._inputs = wanted - set(self._values)  # names bound anew by every run
         self._free: list[Any] = []
         self._in_use = 0
@@ -76,7 +103,7 @@ class CacheBindings:
                 binding.bind_output(name, "cpu")
             self._session.run_with_iobinding(binding)
             # numpy() views the output's memory (kept alive by the array), as session.run returns it.
-            outputs = [value.numpy() for value in binding.get_outputs()]
+            outputs = [to_numpy(value) for value in binding.get_outputs()]
             binding.clear_binding_outputs()
         except BaseException:
             self._put_back(None)  # its state is unknown: drop it

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 import onnx
 import torch
@@ -47,12 +48,30 @@ def _node_label(index: int, node: onnx.NodeProto) -> str:
     return f"node {name} ({domain}{node.op_type})"
 
 
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def array_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """A CPU tensor sharing ``array``'s memory (C-contiguous arrays; bfloat16 ones, ``ml_dtypes``',
+    through their 16-bit patterns, so half caches stay bfloat16)."""
+    if array.dtype == _BFLOAT16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def tensor_to_array(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a numpy array (bfloat16 as ``ml_dtypes.bfloat16``, which numpy lacks)."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(_BFLOAT16)
+    return tensor.numpy()
+
+
 def _numpy_to_torch(array: np.ndarray, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
     """Copy a numpy array to a torch tensor on ``device`` (optionally converting its dtype)."""
     array = np.asarray(array, order="C")  # (np.ascontiguousarray would turn 0-D into 1-D)
     try:
-        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
-    except TypeError:  # numpy dtypes torch lacks (e.g. ml_dtypes bfloat16): go through float32
+        tensor = array_to_tensor(array if array.flags.writeable else array.copy())
+    except TypeError:  # numpy dtypes torch lacks (e.g. ml_dtypes float8): go through float32
         tensor = torch.from_numpy(array.astype(np.float32))
     return tensor.to(device=device, dtype=dtype or tensor.dtype)
 

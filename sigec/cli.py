@@ -14,8 +14,9 @@ import numpy as np
 from sigec.apps.demo import RANDOM_WEIGHTS_NOTE
 from sigec.autotune import DEFAULT_EDITS
 from sigec.core.errors import InputError, SigecError
-from sigec.core.options import (BACKENDS, DEFAULT_APPROX_DILATION, DEFAULT_BACKEND, DEFAULT_DILATION, DEFAULT_MODE,
-                                DEFAULT_OPSET, DEFAULT_THRESHOLD, DEFAULT_TILE_SIZE, FALLBACKS, MODES)
+from sigec.core.options import (BACKENDS, CACHE_DTYPES, DEFAULT_APPROX_DILATION, DEFAULT_BACKEND, DEFAULT_CACHE_DTYPE,
+                                DEFAULT_DILATION, DEFAULT_MODE, DEFAULT_OPSET, DEFAULT_THRESHOLD, DEFAULT_TILE_SIZE,
+                                FALLBACKS, MODES)
 from sigec.core.tensorrt_abi import PRECISIONS
 from sigec.inspection import plural
 
@@ -175,7 +176,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                          dilation=args.dilation, approx_dilation=args.approx_dilation, opset=args.opset,
                          progress=not args.quiet,
                          dense_resolutions=args.dense_resolutions, autotune=args.autotune,
-                         autotune_edits=args.autotune_edits, autotune_threads=args.autotune_threads)
+                         autotune_edits=args.autotune_edits, autotune_threads=args.autotune_threads,
+                         cache_dtype=args.cache_dtype)
     from sigec.core.engine_file import read_manifest
 
     manifest = read_manifest(path)
@@ -332,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dense-resolutions", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
                    metavar="r8x8,r16x16",
                    help="approx mode: resolutions that run dense (small maps most edits fill); default none")
+    c.add_argument("--cache-dtype", choices=CACHE_DTYPES, default=None,
+                   help="precision of the caches only sigec's tile ops read (the others stay float32; "
+                        f"default by mode: {_by_mode(DEFAULT_CACHE_DTYPE)})")
     c.add_argument("--autotune", action="store_true",
                    help="measure tile sizes (and dense execution) per resolution on this machine and keep the fastest")
     c.add_argument("--autotune-edits", type=_parse_fractions, default=None, metavar="0.012,0.05,0.2",

@@ -13,8 +13,9 @@ from sigec import autotune as tuner
 from sigec.core import VERSION
 from sigec.core.engine_file import EngineContents, write_engine
 from sigec.core.errors import CompileError
-from sigec.core.options import (BACKENDS, DEFAULT_APPROX_DILATION, DEFAULT_BACKEND, DEFAULT_DILATION, DEFAULT_MODE,
-                                DEFAULT_OPSET, DEFAULT_THRESHOLD, DEFAULT_TILE_SIZE, DENSE_FALLBACK_FRACTION, MODES)
+from sigec.core.options import (BACKENDS, CACHE_DTYPES, DEFAULT_APPROX_DILATION, DEFAULT_BACKEND, DEFAULT_DILATION,
+                                DEFAULT_MODE, DEFAULT_OPSET, DEFAULT_THRESHOLD, DEFAULT_TILE_SIZE,
+                                DENSE_FALLBACK_FRACTION, MODES)
 from sigec.frontends.onnx_frontend import load_onnx
 from sigec.passes.sparse_rewrite import rewrite
 from sigec.passes.tensorrt_build import build_plans, missing_requirements, unavailable_message, with_plans
@@ -63,7 +64,8 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
             approx_dilation: int = DEFAULT_APPROX_DILATION,
             dense_fallback_fraction: float = DENSE_FALLBACK_FRACTION, opset: int = DEFAULT_OPSET, dense_resolutions: Sequence[str] = (),
             autotune: bool = False, autotune_edits: Sequence[float] | None = None,
-            autotune_threads: int | None = None, progress: bool = False) -> pathlib.Path:
+            autotune_threads: int | None = None, progress: bool = False,
+            cache_dtype: str | None = None) -> pathlib.Path:
     """Compile a model (an .onnx path, an ``onnx.ModelProto``, an ``nn.Module`` or a ``pkg.module:factory``
     spec) into an engine file at ``output_path`` and return its path.
 
@@ -74,12 +76,21 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
     for ``Engine.run(mask=None)``. ``approx_dilation`` (approx mode) is how many cells each resolution's
     tile mask grows around the resampled edit. ``dense_resolutions`` (approx mode) lists resolutions such as
     ``"r8x8"`` that run dense: small maps that most edits activate entirely run faster dense.
-    ``autotune=True`` chooses the tile size or dense execution of every resolution by measuring
+    ``cache_dtype`` ("float32", "float16" or "bfloat16"; default by mode: ``DEFAULT_CACHE_DTYPE``) is
+    the precision the caches only TileGather/TileScatter read are stored in (the others stay float32;
+    passes/half_caches.py). ``autotune=True`` chooses the tile size or dense execution of every resolution by measuring
     candidates on this machine (``sigec.autotune``; edits ``autotune_edits``, ONNX Runtime with
     ``autotune_threads`` threads) and records the measurements in the manifest.
     """
     if mode not in MODES:
         raise CompileError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if cache_dtype is not None and cache_dtype not in CACHE_DTYPES:
+        raise CompileError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, not {cache_dtype!r}")
+    if backend == "tensorrt":
+        if cache_dtype not in (None, "float32"):
+            raise CompileError(f"cache_dtype={cache_dtype!r}: the TensorRT plugins read float32 caches only; "
+                               f"use cache_dtype='float32' with backend='tensorrt'")
+        cache_dtype = "float32"
     if backend not in BACKENDS:
         raise CompileError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend == "tensorrt":
@@ -103,11 +114,13 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
             result = rewrite(model, mode=mode, tile_size=tiles, fallback=fallback,
                              threshold=DEFAULT_THRESHOLD[mode] if threshold is None else float(threshold),
                              dilation=DEFAULT_DILATION[mode] if dilation is None else int(dilation),
-                             approx_dilation=approx_dilation, dense_resolutions=tuple(dense_res))
+                             approx_dilation=approx_dilation, dense_resolutions=tuple(dense_res),
+                             cache_dtype=cache_dtype)
         with shown.step("pack graphs"):
             graphs, weights = _split_weights({"full": result.full, "sparse": result.sparse, "dense": result.dense})
             manifest = {**result.manifest, "sigec_version": VERSION, "backend": backend,
-                        "options": {"tile_size": tiles, "fallback": fallback, "approx_dilation": approx_dilation,
+                        "options": {**result.manifest.get("options", {}),
+                                    "tile_size": tiles, "fallback": fallback, "approx_dilation": approx_dilation,
                                     "dense_fallback_fraction": float(dense_fallback_fraction), "opset": opset,
                                     "dense_resolutions": list(dense_res), **({"autotune": record} if record else {})}}
             return EngineContents(manifest=manifest, graphs=graphs, weights=weights)

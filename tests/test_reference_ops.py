@@ -89,21 +89,22 @@ def test_scatter_crops_border_tiles_and_keeps_base_elsewhere():
 
 
 @pytest.mark.parametrize("base_dtype, tile_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float32)])
-def test_mixed_dtypes_as_under_autocast_keep_the_base_dtype(base_dtype, tile_dtype):
-    """Under torch.autocast, float32 caches meet float16 tiles (and the reverse): both ops return the
-    base dtype (docs/ops.md), computed as the upcast inputs would be."""
+def test_mixed_dtypes_give_the_promoted_dtype(base_dtype, tile_dtype):
+    """Under torch.autocast float32 caches meet float16 tiles; half-precision caches (cache_dtype)
+    meet float32 tiles: both ops return base's dtype promoted with vals' (float32 here; docs/ops.md,
+    "Dtypes"), computed as the upcast inputs would be."""
     rng = np.random.default_rng(3)
     base, vals, grid, coords = sparse_input(rng, 1, 3, 12, 12, 4, frac=0.5).values()
     base_t, vals_t = torch.from_numpy(base).to(base_dtype), torch.from_numpy(vals).to(tile_dtype)
     grid_t, coords_t = torch.from_numpy(grid), torch.from_numpy(coords)
     shift = torch.linspace(-1, 1, 3).to(tile_dtype)
     scattered = tile_scatter(base_t, vals_t, coords_t)
-    assert scattered.dtype == base_dtype
+    assert scattered.dtype == torch.float32
     torch.testing.assert_close(scattered.float(), tile_scatter(base_t.float(), vals_t.float(), coords_t),
                                rtol=1e-3, atol=1e-3)
     gathered = tile_gather(base_t, vals_t, grid_t, coords_t, None, shift, window=(6, 6), step=(4, 4),
                            offset=(-1, -1), activation="silu")
-    assert gathered.dtype == base_dtype
+    assert gathered.dtype == torch.float32
     expected = tile_gather(base_t.float(), vals_t.float(), grid_t, coords_t, None, shift.float(), window=(6, 6),
                            step=(4, 4), offset=(-1, -1), activation="silu")
     torch.testing.assert_close(gathered.float(), expected, rtol=2e-3, atol=2e-3)

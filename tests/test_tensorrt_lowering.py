@@ -61,7 +61,7 @@ def unet_engine(tmp_path_factory):
 
     model, x = small_unet()
     path = sigec.compile(model, tmp_path_factory.mktemp("trt") / "unet.sigec", inputs={"x": x}, mode="approx",
-                         backend="ort")
+                         backend="ort", cache_dtype="float32")  # the TensorRT plugins read float32 caches only
     return path, x.numpy()
 
 

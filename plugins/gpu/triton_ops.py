@@ -11,7 +11,9 @@ Everything that depends on the position only (padding, upsampling, the tile-grid
 decides between ``vals`` and ``base``) is computed once per position and shared by the block's
 channels; loads and stores are ``[BLOCK_C, BLOCK_P]`` tiles, contiguous along the positions.
 The prologue (scale, shift, activation) is computed in float32 and rounded once to the output
-dtype. Supported dtypes: float32, float16, bfloat16; other dtypes fall back to the reference.
+dtype, which is ``reference_ops.result_dtype(base, vals)``: a float16/bfloat16 ``base`` (a half
+cache) read with float32 ``vals`` is loaded and widened, and the output is float32. Supported
+dtypes: float32, float16, bfloat16; other dtypes fall back to the reference.
 Block sizes are a first guess, not tuned on a GPU.
 """
 
@@ -266,7 +268,12 @@ def tile_gather(
     batch, channels, height, width = base.shape
     wh, ww = int(window[0]), int(window[1])
     n = coords.shape[0]
-    out = torch.empty((n, channels, wh, ww), dtype=base.dtype, device=base.device)
+    out_dtype = reference_ops.result_dtype(base, vals)
+    if out_dtype not in SUPPORTED_DTYPES:  # e.g. float16 base with float64 vals
+        return reference_ops.tile_gather(base, vals, grid, coords, scale, shift, window=window, step=step,
+                                         offset=offset, upsample=upsample, pad_mode=pad_mode,
+                                         activation=activation, alpha=alpha, beta=beta)
+    out = torch.empty((n, channels, wh, ww), dtype=out_dtype, device=base.device)
     if n == 0 or out.numel() == 0:
         return out
     up = int(upsample)
@@ -304,10 +311,12 @@ def tile_gather(
 
 def tile_scatter(base: torch.Tensor, vals: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """``ai.sigec::TileScatter`` with Triton: same arguments and result as ``reference_ops.tile_scatter``."""
-    if base.dtype not in SUPPORTED_DTYPES:
+    out_dtype = reference_ops.result_dtype(base, vals)
+    if base.dtype not in SUPPORTED_DTYPES or out_dtype not in SUPPORTED_DTYPES:
         return reference_ops.tile_scatter(base, vals, coords)
     _check_device(base)
-    out = base.clone(memory_format=torch.contiguous_format)
+    # A half base with float32 tiles widens to float32 (result_dtype); the copy converts it.
+    out = base.to(dtype=out_dtype, memory_format=torch.contiguous_format, copy=True)
     n = coords.shape[0]
     if n == 0 or out.numel() == 0:
         return out

@@ -19,6 +19,15 @@ InferredShape InputShape(OrtShapeInferContext* ctx, size_t index) {
   return shape;
 }
 
+ONNXTensorElementDataType InputElementType(OrtShapeInferContext* ctx, size_t index) {
+  const OrtApi& api = Ort::GetApi();
+  OrtTensorTypeAndShapeInfo* info = nullptr;  // owned by the context: never released here
+  Ort::ThrowOnError(api.ShapeInferContext_GetInputTypeShape(ctx, index, &info));
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  Ort::ThrowOnError(api.GetTensorElementType(info, &type));
+  return type;
+}
+
 std::vector<int64_t> IntsAttribute(OrtShapeInferContext* ctx, const char* name) {
   const OrtApi& api = Ort::GetApi();
   const OrtOpAttr* attr = nullptr;

@@ -19,6 +19,9 @@ struct InferredShape {
 // Shape of input `index`; throws when it is unknown (e.g. an omitted optional input).
 InferredShape InputShape(OrtShapeInferContext* ctx, size_t index);
 
+// Element type of input `index`; throws when it is unknown.
+ONNXTensorElementDataType InputElementType(OrtShapeInferContext* ctx, size_t index);
+
 // The ints attribute `name`; throws when absent.
 std::vector<int64_t> IntsAttribute(OrtShapeInferContext* ctx, const char* name);
 

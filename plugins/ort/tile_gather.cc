@@ -4,6 +4,7 @@
 #include <cstring>
 #include <vector>
 
+#include "half.h"
 #include "prologue_apply.h"
 #include "shape_infer.h"
 
@@ -44,7 +45,7 @@ struct Plan {
 // Everything a worker needs; read-only during the parallel loop.
 struct GatherJob {
   const TileGatherAttrs* attrs;
-  const float* base;
+  const void* base;  // float, float16 or bfloat16 elements (the Base reader of GatherItem)
   int64_t batch, channels, height, width;
   const float* vals;  // nullptr when absent
   const int64_t* grid;
@@ -117,10 +118,11 @@ void BuildPlan(const GatherJob& job, int64_t b, int64_t ty, int64_t tx, Plan* pl
 }
 
 // The channel block of one work item: sources and outputs of channel c0 and their per-channel
-// strides.
+// strides. `BaseT` is the element type of `base` (vals and the output are float).
+template <typename BaseT>
 struct Block {
   int64_t channels;     // c1 - c0
-  const float* base;    // base + c0 * base_stride
+  const BaseT* base;    // base + c0 * base_stride
   int64_t base_stride;  // H * W
   const float* vals;    // vals + c0 * vals_stride, or nullptr
   int64_t vals_stride;  // T * T
@@ -141,11 +143,23 @@ inline void CopyRow(float* dst, const float* src, int64_t len) {
   std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(len));
 }
 
-// Copies the raw window values of a channel block following `plan` (zeros where padded). The
+// Copies `len` floats of each of `channels` rows (a contiguous run of a float source).
+inline void CopyRuns(float* dst, int64_t dst_stride, const float* src, int64_t src_stride, int64_t channels,
+                     int64_t len) {
+  if (len == 1) {
+    for (int64_t c = 0; c < channels; ++c) dst[c * dst_stride] = src[c * src_stride];
+  } else {
+    for (int64_t c = 0; c < channels; ++c) CopyRow(dst + c * dst_stride, src + c * src_stride, len);
+  }
+}
+
+// Copies the raw window values of a channel block following `plan` (zeros where padded), as
+// floats: `Base` (half.h) reads the elements of `base`, converting float16/bfloat16 exactly. The
 // channel loop is innermost: one run is applied to every channel before the next, so that the
 // scattered source lines of many channels are requested together (reads of one channel alone
 // wait on memory one line at a time) and the run bookkeeping is paid once per block.
-void FillBlock(const Plan& plan, int64_t wh, int64_t ww, const Block& blk) {
+template <typename Base>
+void FillBlock(const Plan& plan, int64_t wh, int64_t ww, const Block<typename Base::T>& blk) {
   for (int64_t i = 0; i < wh; ++i) {
     const int64_t* row_offsets = plan.offsets.data() + i * ww;
     for (int32_t r = plan.row_begin[i]; r < plan.row_begin[i + 1]; ++r) {
@@ -156,21 +170,29 @@ void FillBlock(const Plan& plan, int64_t wh, int64_t ww, const Block& blk) {
         for (int64_t c = 0; c < blk.channels; ++c) std::fill_n(dst + c * blk.out_stride, len, 0.0f);
         continue;
       }
-      const bool from_base = run.source == kBase;
-      const float* src = from_base ? blk.base : blk.vals;
-      const int64_t stride = from_base ? blk.base_stride : blk.vals_stride;
-      if (run.contiguous && len == 1) {
-        const float* s = src + run.offset;
-        for (int64_t c = 0; c < blk.channels; ++c) dst[c * blk.out_stride] = s[c * stride];
-      } else if (run.contiguous) {
-        const float* s = src + run.offset;
-        for (int64_t c = 0; c < blk.channels; ++c) CopyRow(dst + c * blk.out_stride, s + c * stride, len);
-      } else {
-        const int64_t* offs = row_offsets + run.col;
-        for (int64_t c = 0; c < blk.channels; ++c) {
-          const float* s = src + c * stride;
-          float* d = dst + c * blk.out_stride;
-          for (int64_t k = 0; k < len; ++k) d[k] = s[offs[k]];
+      const int64_t* offs = row_offsets + run.col;
+      if (run.source == kVals || !Base::kHalf) {
+        // float source (vals, or a float base: Base::T is float then)
+        const float* src = run.source == kVals ? blk.vals : reinterpret_cast<const float*>(blk.base);
+        const int64_t stride = run.source == kVals ? blk.vals_stride : blk.base_stride;
+        if (run.contiguous) {
+          CopyRuns(dst, blk.out_stride, src + run.offset, stride, blk.channels, len);
+        } else {
+          for (int64_t c = 0; c < blk.channels; ++c) {
+            const float* s = src + c * stride;
+            float* d = dst + c * blk.out_stride;
+            for (int64_t k = 0; k < len; ++k) d[k] = s[offs[k]];
+          }
+        }
+      } else if constexpr (Base::kHalf) {
+        if (run.contiguous) {
+          Base::Rows(dst, blk.out_stride, blk.base + run.offset, blk.base_stride, blk.channels, len);
+        } else {
+          for (int64_t c = 0; c < blk.channels; ++c) {
+            const typename Base::T* s = blk.base + c * blk.base_stride;
+            float* d = dst + c * blk.out_stride;
+            for (int64_t k = 0; k < len; ++k) d[k] = Base::One(s[offs[k]]);
+          }
         }
       }
     }
@@ -178,7 +200,8 @@ void FillBlock(const Plan& plan, int64_t wh, int64_t ww, const Block& blk) {
 }
 
 // Writes zeros again into the padded positions (the prologue is not applied to padding).
-void ZeroPadding(const Plan& plan, int64_t wh, int64_t ww, const Block& blk) {
+template <typename BaseT>
+void ZeroPadding(const Plan& plan, int64_t wh, int64_t ww, const Block<BaseT>& blk) {
   for (int64_t i = 0; i < wh; ++i) {
     for (int32_t r = plan.row_begin[i]; r < plan.row_begin[i + 1]; ++r) {
       const Run& run = plan.runs[r];
@@ -190,7 +213,7 @@ void ZeroPadding(const Plan& plan, int64_t wh, int64_t ww, const Block& blk) {
 }
 
 // Computes work item `item` = (tile, channel block): raw copy, then the prologue in place.
-template <Activation A, bool kAffine>
+template <Activation A, bool kAffine, typename Base>
 void GatherItem(const GatherJob& job, size_t item) {
   thread_local Plan plan;
   const TileGatherAttrs& a = *job.attrs;
@@ -200,15 +223,15 @@ void GatherItem(const GatherJob& job, size_t item) {
   const int64_t b = job.coords[3 * n], ty = job.coords[3 * n + 1], tx = job.coords[3 * n + 2];
   BuildPlan(job, b, ty, tx, &plan);
   const int64_t wh = a.window[0], ww = a.window[1];
-  Block blk{};
+  Block<typename Base::T> blk{};
   blk.channels = c1 - c0;
   blk.base_stride = job.height * job.width;
-  blk.base = job.base + c0 * blk.base_stride;
+  blk.base = static_cast<const typename Base::T*>(job.base) + c0 * blk.base_stride;
   blk.vals_stride = job.tile * job.tile;
   blk.vals = job.vals ? job.vals + c0 * blk.vals_stride : nullptr;
   blk.out_stride = wh * ww;
   blk.out = job.out + (n * job.channels + c0) * blk.out_stride;
-  FillBlock(plan, wh, ww, blk);
+  FillBlock<Base>(plan, wh, ww, blk);
   if constexpr (A != Activation::kNone || kAffine) {
     for (int64_t c = c0; c < c1; ++c) {
       const float scale = job.scale ? job.scale[job.scale_batched ? b * job.channels + c : c] : 1.0f;
@@ -235,6 +258,7 @@ OrtStatusPtr InferShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept 
     const InferredShape base = InputShape(ctx, 0);
     const InferredShape coords = InputShape(ctx, 3);
     const std::vector<int64_t> window = IntsAttribute(ctx, "window");
+    if (!IsBaseType(InputElementType(ctx, 0))) Fail(kOp, "input 'base' must be float, float16 or bfloat16");
     if (base.dims.size() != 4) Fail(kOp, "input 'base' must have rank 4, got " + ShapeString(base.dims));
     if (coords.dims.size() != 2) Fail(kOp, "input 'coords' must have rank 2, got " + ShapeString(coords.dims));
     if (window.size() != 2) Fail(kOp, "attribute 'window' must have 2 values");
@@ -282,16 +306,22 @@ void TileGatherKernel::Compute(OrtKernelContext* context) const {
   const Ort::KernelContext ctx(context);
   const Input base = ReadInput(ctx, 0), vals = ReadInput(ctx, 1), grid = ReadInput(ctx, 2);
   const Input coords = ReadInput(ctx, 3), scale = ReadInput(ctx, 4), shift = ReadInput(ctx, 5);
-  CheckTensor(kOp, "base", base, 4, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  CheckTensor(kOp, "base", base, 4, base.type);
+  if (!IsBaseType(base.type)) Fail(kOp, "input 'base' must be float, float16 or bfloat16");
   CheckTensor(kOp, "coords", coords, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64);
   const int64_t batch = base.Dim(0), channels = base.Dim(1), height = base.Dim(2), width = base.Dim(3);
   if (coords.Dim(1) != 3) Fail(kOp, "input 'coords' must have shape [N, 3], got " + ShapeString(coords.shape));
   const int64_t n_tiles = coords.Dim(0);
   if (vals.present != grid.present) Fail(kOp, "inputs 'vals' and 'grid' must be given together");
+  // The output dtype is base's promoted with vals' (docs/ops.md); these kernels write float32 only.
+  if (base.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && !vals.present) {
+    Fail(kOp, "a float16/bfloat16 'base' needs float 'vals' (the output would be half, which these kernels "
+              "do not write)");
+  }
 
   GatherJob job{};
   job.attrs = &attrs_;
-  job.base = base.Data<float>();
+  job.base = base.data;
   job.batch = batch;
   job.channels = channels;
   job.height = height;
@@ -364,13 +394,16 @@ void TileGatherKernel::Compute(OrtKernelContext* context) const {
   job.blocks_per_tile = CeilDiv(channels, job.channel_block);
   const size_t total = static_cast<size_t>(n_tiles * job.blocks_per_tile);
   const bool affine = job.scale != nullptr || job.shift != nullptr;
-  DispatchActivation(attrs_.activation, [&](auto act) {
-    constexpr Activation A = decltype(act)::value;
-    if (affine) {
-      ParallelFor(ctx, total, [&job](size_t item) { GatherItem<A, true>(job, item); });
-    } else {
-      ParallelFor(ctx, total, [&job](size_t item) { GatherItem<A, false>(job, item); });
-    }
+  DispatchBase(base.type, [&](auto reader) {
+    using Base = decltype(reader);
+    DispatchActivation(attrs_.activation, [&](auto act) {
+      constexpr Activation A = decltype(act)::value;
+      if (affine) {
+        ParallelFor(ctx, total, [&job](size_t item) { GatherItem<A, true, Base>(job, item); });
+      } else {
+        ParallelFor(ctx, total, [&job](size_t item) { GatherItem<A, false, Base>(job, item); });
+      }
+    });
   });
 }
 
@@ -381,6 +414,7 @@ OrtStatusPtr TileGatherOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* in
 }
 
 ONNXTensorElementDataType TileGatherOp::GetInputType(size_t index) const {
+  if (index == 0) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // float, float16 or bfloat16: checked
   return (index == 2 || index == 3) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 

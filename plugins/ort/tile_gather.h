@@ -33,7 +33,8 @@ class TileGatherKernel {
   TileGatherAttrs attrs_;
 };
 
-// The op schema: inputs base, vals?, grid?, coords, scale?, shift?; output windows.
+// The op schema: inputs base (float, float16 or bfloat16: half caches, half.h), vals?, grid?, coords,
+// scale?, shift? (float); output windows (float; a half base needs vals: docs/ops.md, "Dtypes").
 struct TileGatherOp : Ort::CustomOpBase<TileGatherOp, TileGatherKernel, true> {
   TileGatherOp();
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;

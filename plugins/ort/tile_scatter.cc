@@ -9,6 +9,7 @@
 #include <emmintrin.h>
 #endif
 
+#include "half.h"
 #include "shape_infer.h"
 
 namespace sigec_ort {
@@ -46,7 +47,7 @@ void StreamCopy(float* dst, const float* src, size_t count) {
 
 // Everything a worker needs; read-only during the parallel loop.
 struct ScatterJob {
-  const float* base;
+  const void* base;  // float, float16 or bfloat16 elements (the Base reader of ScatterItem)
   float* out;
   bool copy_base;
   bool stream;  // copy with non-temporal stores
@@ -60,7 +61,9 @@ struct ScatterJob {
   int64_t bands;
 };
 
-// Work item = (plane b*C + c, band of tile rows): copy the band of `base`, then write its tiles.
+// Work item = (plane b*C + c, band of tile rows): copy the band of `base` (converted to float by
+// `Base`, half.h), then write its tiles.
+template <typename Base>
 void ScatterItem(const ScatterJob& job, size_t item) {
   const int64_t plane_index = static_cast<int64_t>(item) / job.bands;
   const int64_t band = static_cast<int64_t>(item) % job.bands;
@@ -72,9 +75,11 @@ void ScatterItem(const ScatterJob& job, size_t item) {
   float* out_plane = job.out + plane_index * job.height * w;
   if (job.copy_base) {
     float* dst = out_plane + r0 * w;
-    const float* src = job.base + plane_index * job.height * w + r0 * w;
+    const typename Base::T* src = static_cast<const typename Base::T*>(job.base) + plane_index * job.height * w + r0 * w;
     const size_t count = static_cast<size_t>((r1 - r0) * w);
-    if (job.stream) {
+    if constexpr (Base::kHalf) {
+      Base::Span(dst, src, static_cast<int64_t>(count));
+    } else if (job.stream) {
       StreamCopy(dst, src, count);
     } else {
       std::memcpy(dst, src, sizeof(float) * count);
@@ -94,8 +99,12 @@ void ScatterItem(const ScatterJob& job, size_t item) {
   }
 }
 
+// The output is float: base's dtype promoted with vals' (float), docs/ops.md.
 OrtStatusPtr InferShape(const OrtCustomOp*, OrtShapeInferContext* ctx) noexcept {
-  return GuardStatus([&] { SetFloatOutput(ctx, 0, InputShape(ctx, 0)); });
+  return GuardStatus([&] {
+    if (!IsBaseType(InputElementType(ctx, 0))) Fail(kOp, "input 'base' must be float, float16 or bfloat16");
+    SetFloatOutput(ctx, 0, InputShape(ctx, 0));
+  });
 }
 
 size_t MayInplace(int** input_index, int** output_index) {
@@ -118,7 +127,8 @@ OrtStatusPtr TileScatterKernel::ComputeV2(OrtKernelContext* context) const {
 void TileScatterKernel::Compute(OrtKernelContext* context) const {
   const Ort::KernelContext ctx(context);
   const Input base = ReadInput(ctx, 0), vals = ReadInput(ctx, 1), coords = ReadInput(ctx, 2);
-  CheckTensor(kOp, "base", base, 4, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  CheckTensor(kOp, "base", base, 4, base.type);
+  if (!IsBaseType(base.type)) Fail(kOp, "input 'base' must be float, float16 or bfloat16");
   CheckTensor(kOp, "vals", vals, 4, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
   CheckTensor(kOp, "coords", coords, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64);
   const int64_t batch = base.Dim(0), channels = base.Dim(1), height = base.Dim(2), width = base.Dim(3);
@@ -132,9 +142,11 @@ void TileScatterKernel::Compute(OrtKernelContext* context) const {
   if (batch * channels * height * width == 0) return;
 
   ScatterJob job;
-  job.base = base.Data<float>();
+  job.base = base.data;
   job.out = output.GetTensorMutableData<float>();
-  job.copy_base = job.out != job.base;
+  job.copy_base = static_cast<const void*>(job.out) != job.base;
+  // A half base is converted into a float output of twice its size: never the same buffer.
+  if (!job.copy_base && base.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) Fail(kOp, "internal: half base reused as output");
   job.stream = batch * channels * height * width * static_cast<int64_t>(sizeof(float)) >= kStreamBytes;
   job.channels = channels;
   job.height = height;
@@ -167,7 +179,10 @@ void TileScatterKernel::Compute(OrtKernelContext* context) const {
   job.band_rows = std::max<int64_t>(1, std::min<int64_t>(job.grid_h, kItemFloats / (job.tile * width)));
   job.bands = CeilDiv(job.grid_h, job.band_rows);
   const size_t total = static_cast<size_t>(batch * channels * job.bands);
-  ParallelFor(ctx, total, [&job](size_t item) { ScatterItem(job, item); });
+  DispatchBase(base.type, [&](auto reader) {
+    using Base = decltype(reader);
+    ParallelFor(ctx, total, [&job](size_t item) { ScatterItem<Base>(job, item); });
+  });
 }
 
 TileScatterOp::TileScatterOp() {
@@ -181,6 +196,7 @@ OrtStatusPtr TileScatterOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo*, 
 }
 
 ONNXTensorElementDataType TileScatterOp::GetInputType(size_t index) const {
+  if (index == 0) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // float, float16 or bfloat16: checked
   return index == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 

@@ -14,8 +14,9 @@ class TileScatterKernel {
   void Compute(OrtKernelContext* context) const;
 };
 
-// The op schema: inputs base, vals, coords; output the updated map. The output may reuse the
-// buffer of `base` (ONNX Runtime decides; the kernel then skips the copy).
+// The op schema: inputs base (float, float16 or bfloat16: half caches, converted by the copy), vals
+// (float), coords; output the updated map (float). The output may reuse the buffer of a float `base`
+// (ONNX Runtime decides; the kernel then skips the copy).
 struct TileScatterOp : Ort::CustomOpBase<TileScatterOp, TileScatterKernel, true> {
   TileScatterOp();
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sigec.core.errors import EngineFileError
-from sigec.core.options import BACKENDS, MODES
+from sigec.core.options import BACKENDS, CACHE_DTYPES, MODES
 
 Schema = Mapping[str, Any]
 
@@ -130,7 +130,10 @@ MANIFEST_FIELDS: dict[str, Schema] = {
     "mode": one_of(*MODES),
     "inputs": array_of(record(name=STRING, shape=SHAPE, dtype=DTYPE, spatial=BOOLEAN)),
     "outputs": array_of(record(name=STRING, shape=SHAPE, dtype=DTYPE)),
-    "caches": array_of(record(name=STRING, source=STRING, shape=SHAPE, dtype=DTYPE, kind=STRING)),
+    # dtype: as stored (float16/bfloat16 for half caches, passes/half_caches.py); source: the FULL output
+    # holding it; origin (half caches): the model tensor it caches
+    "caches": array_of(with_optional(record(name=STRING, source=STRING, shape=SHAPE, dtype=DTYPE, kind=STRING),
+                                     origin=STRING)),
     # shared_batch: every batch item gets the union of the items' tiles (batched attention)
     "resolutions": array_of(with_optional(record(name=STRING, size=SIZE_2D, tile=TILE, mask=STRING),
                                           shared_batch=BOOLEAN)),
@@ -159,6 +162,7 @@ MANIFEST_FIELDS: dict[str, Schema] = {
         dense_fallback_fraction=number(0, MAX_FALLBACK_FRACTION),
         opset=integer(1, MAX_SMALL),
         dense_resolutions=array_of(STRING),
+        cache_dtype=one_of(*CACHE_DTYPES),
         autotune=ANY_OBJECT,  # a record of measurements for people: no number in it is used
     ),
 }

@@ -12,5 +12,11 @@ DEFAULT_DILATION = {"exact": 0, "approx": 1}  # pixels added around the edit mas
 # Approx mode: cells each resolution's mask is dilated by (SIGE's 1; trained detectors gain inside the
 # edit from 2-4 at 1.3-2x the time, so it stays a per-model choice: BENCHMARKS.md, "Trained models")
 DEFAULT_APPROX_DILATION = 1
+# Precision of the caches a sparse run reads only through TileGather/TileScatter (the others stay float32):
+# passes/half_caches.py. Approx mode: float16 halves a key's caches (church UNet 694 -> 350 MiB) for at most
+# 5e-6 more relative L2 error on the zoo and the same speed (BENCHMARKS.md, "Half-precision caches"); exact
+# mode keeps float32 (float16 caches would make it approximate). The TensorRT backend takes float32 only.
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_CACHE_DTYPE = {"exact": "float32", "approx": "float16"}
 DENSE_FALLBACK_FRACTION = 0.6  # run dense when the sparse run would execute this share of dense MACs
 DEFAULT_OPSET = 18

@@ -53,6 +53,13 @@ def _map_padding(pos: torch.Tensor, size: int, pad_mode: str) -> tuple[torch.Ten
     raise ValueError(f"unknown TileGather pad_mode {pad_mode!r}")
 
 
+def result_dtype(base: torch.Tensor, vals: torch.Tensor | None) -> torch.dtype:
+    """The dtype of ``TileGather`` and ``TileScatter`` outputs: ``base``'s promoted with ``vals``' when
+    ``vals`` is given, else ``base``'s (docs/ops.md, "Dtypes"). A float16/bfloat16 cache read with
+    float32 tiles gives float32; float32 caches with float16 tiles (autocast) give float32."""
+    return base.dtype if vals is None else torch.promote_types(base.dtype, vals.dtype)
+
+
 def _per_channel(t: torch.Tensor | None, batch: torch.Tensor) -> torch.Tensor | None:
     """Broadcast a [C] or [B, C] prologue parameter to [N, C, 1, 1] for the given tile batches."""
     if t is None:
@@ -83,8 +90,9 @@ def tile_gather(
     _, channels, height, width = base.shape
     n = coords.shape[0]
     wh, ww = int(window[0]), int(window[1])
+    out_dtype = result_dtype(base, vals)
     if n == 0:
-        return base.new_zeros((0, channels, wh, ww))
+        return base.new_zeros((0, channels, wh, ww), dtype=out_dtype)
     coords = coords.to(device=base.device, dtype=torch.long)
     b, ty, tx = coords[:, 0], coords[:, 1], coords[:, 2]
     ar_y = torch.arange(wh, device=base.device)
@@ -114,12 +122,13 @@ def tile_gather(
     if pad_mode == "zeros":
         inside = (in_y[:, :, None] & in_x[:, None, :])[:, None, :, :]
         out = torch.where(inside, out, torch.zeros((), dtype=out.dtype, device=out.device))
-    return out.to(base.dtype).contiguous()  # mixed dtypes (autocast) compute promoted, store as base
+    return out.to(out_dtype).contiguous()  # mixed dtypes compute promoted (scale/shift too), store as result_dtype
 
 
 def tile_scatter(base: torch.Tensor, vals: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """Write tiles into a copy of ``base`` (``ai.sigec::TileScatter``, docs/ops.md)."""
-    out = base.clone()
+    """Write tiles into a copy of ``base`` (``ai.sigec::TileScatter``, docs/ops.md), of dtype
+    ``result_dtype(base, vals)``."""
+    out = base.to(result_dtype(base, vals), copy=True)
     n = coords.shape[0]
     if n == 0:
         return out
@@ -132,5 +141,5 @@ def tile_scatter(base: torch.Tensor, vals: torch.Tensor, coords: torch.Tensor) -
     xx = tx[:, None] * tile + ar[None, :]  # [N, T]
     valid = (yy < height)[:, :, None] & (xx < width)[:, None, :]  # [N, T, T]
     nn_, iy, ix = torch.nonzero(valid, as_tuple=True)
-    out[b[nn_], :, yy[nn_, iy], xx[nn_, ix]] = vals[nn_, :, iy, ix].to(out.dtype)  # e.g. fp16 tiles, fp32 cache
+    out[b[nn_], :, yy[nn_, iy], xx[nn_, ix]] = vals[nn_, :, iy, ix].to(out.dtype)
     return out
