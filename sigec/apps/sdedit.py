@@ -6,10 +6,16 @@ the same intermediate timestep with the SAME noise, then denoise both with deter
 runs sparsely against those caches with the edit mask, and is compared with the dense loop.
 
 Noise schedule: DDPM's linear betas 1e-4 .. 0.02 over 1000 training steps.
+
+Latent SDEdit (:func:`latent_sdedit`): the same edit as Stable Diffusion img2img pipelines run it,
+on three engines (VAE encoder, text-conditioned UNet with classifier-free guidance in one batch of
+2, VAE decoder) and diffusers' DDIMScheduler with SD 1.5's configuration; one UNet cache per step.
 """
 
 from __future__ import annotations
 
+import gc
+import os
 import pathlib
 import time
 from dataclasses import dataclass, field
@@ -263,6 +269,334 @@ def save_panels(path: str | pathlib.Path, original: np.ndarray, edited: np.ndarr
     fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4))
     for ax, (name, picture) in zip(axes, panels):
         if picture.ndim == 2:  # masks and error maps: grey, scaled to their own maximum
+            ax.imshow(picture, cmap="gray", interpolation="nearest", vmin=0, vmax=max(float(picture.max()), 1e-12))
+        else:
+            ax.imshow(picture, interpolation="nearest")
+        ax.set_title(name)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ----- latent SDEdit (Stable Diffusion img2img) ---------------------------------------------------
+#
+# The same loop in latent space, as diffusers' StableDiffusionImg2ImgPipeline runs it: encode the
+# image with the VAE encoder (latent mean x 0.18215), noise it at the first img2img timestep, run
+# the text-conditioned UNet with classifier-free guidance (one batch of 2: the latent twice, the
+# unconditional then the conditional text embeddings; eps = uncond + scale * (cond - uncond)),
+# step a DDIM scheduler, decode latent / 0.18215 with the VAE decoder. Three engines, each primed
+# on the original image's run (the UNet once per step, ``key=step``) and run sparsely on the edit.
+
+SD_SCHEDULER_CONFIG: dict[str, object] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+"""Stable Diffusion 1.5's scheduler configuration (runwayml/stable-diffusion-v1-5, scheduler/
+scheduler_config.json: the scaled-linear betas, no clipping, steps_offset 1; prediction_type and
+timestep_spacing, absent there, at DDIMScheduler's defaults): what a pipeline gets from
+``DDIMScheduler.from_config(pipe.scheduler.config)``."""
+
+VAE_SCALING_FACTOR = 0.18215
+"""SD v1's ``vae.config.scaling_factor``: latents = encoder mean x this; the decoder gets latents / this."""
+
+VAE_FACTOR = 8
+"""Pixels per latent cell of the SD VAE (3 downsamplings)."""
+
+
+def sd_ddim_scheduler(config: dict[str, object] | None = None):  # -> diffusers.DDIMScheduler
+    """diffusers' ``DDIMScheduler`` configured from ``config`` (default :data:`SD_SCHEDULER_CONFIG`); nothing is downloaded."""
+    from diffusers import DDIMScheduler  # optional dependency, imported on use
+
+    return DDIMScheduler.from_config(dict(SD_SCHEDULER_CONFIG if config is None else config))
+
+
+def img2img_timesteps(scheduler, steps: int, strength: float) -> np.ndarray:
+    """The timesteps an img2img pipeline runs for ``steps`` inference steps at ``strength`` (int64,
+    descending): the last ``int(steps * strength)`` of ``scheduler.set_timesteps(steps)``, as
+    ``StableDiffusionImg2ImgPipeline.get_timesteps`` picks them. Sets the scheduler's timesteps."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    scheduler.set_timesteps(steps)
+    init = min(int(steps * strength), steps)
+    if init < 1:
+        raise ValueError(f"strength {strength} of {steps} steps runs no step")
+    return scheduler.timesteps[(steps - init) * scheduler.order:].numpy().astype(np.int64)
+
+
+def latent_mask(mask: np.ndarray, factor: int = VAE_FACTOR) -> np.ndarray:
+    """The pixel mask [H, W] on the latent grid [H / factor, W / factor]: a cell is set if any of its pixels is."""
+    mask = np.asarray(mask, bool)
+    h, w = mask.shape
+    if h % factor or w % factor:
+        raise ValueError(f"mask {h}x{w} is not a multiple of the latent factor {factor}")
+    return mask.reshape(h // factor, factor, w // factor, factor).any(axis=(1, 3))
+
+
+def latent_sdedit_models(size: str = "small", seed: int = 0) -> dict[str, tuple[object, dict[str, object]]]:
+    """The zoo's VAE encoder, SD UNet and VAE decoder at matching sizes, as ``{"encoder", "unet",
+    "decoder"}`` -> ``(module, example inputs)`` to compile.
+
+    ``size="small"``: the small UNet (16x16 latent, batch 2) with the small VAE (channels 16..32) run
+    at 128 px, so its latent is 16x16 too (the VAE is fully convolutional: only the example inputs
+    change, not the factory's 64-px default). ``"medium"``: the medium UNet (64x64 latent) with the
+    full SD v1 VAE at its native 512 px. ``"full"``: the SD 1.5 UNet (does not compile yet: over 2
+    GiB of weights). The encoder and the decoder are the two halves of one autoencoder (same seed).
+    """
+    import torch
+
+    from sigec.apps.zoo import sd_unet, sd_vae_decoder, sd_vae_encoder
+
+    unet, unet_inputs = sd_unet(size=size, batch=2, seed=seed)
+    side = int(unet_inputs["sample"].shape[-1])
+    encoder, enc_inputs = sd_vae_encoder(small=size == "small", seed=seed)
+    decoder, dec_inputs = sd_vae_decoder(small=size == "small", seed=seed)
+    if enc_inputs["image"].shape[-1] != side * VAE_FACTOR:
+        generator = torch.Generator().manual_seed(seed)
+        enc_inputs = {"image": torch.rand(1, 3, side * VAE_FACTOR, side * VAE_FACTOR, generator=generator) * 2 - 1}
+        dec_inputs = {"latent": torch.randn(1, 4, side, side, generator=generator)}
+    return {"encoder": (encoder, enc_inputs), "unet": (unet, unet_inputs),
+            "decoder": (decoder, dec_inputs)}
+
+
+STAGES = ("encode", "unet", "decode")
+
+
+@dataclass
+class LatentSdeditResult:
+    """Final images (decoder outputs [1, 3, H, W], not clipped) and measurements of one latent SDEdit.
+
+    ``dense_s`` / ``sparse_s``: seconds per stage (``encode``, ``unet``: every step with the CFG and
+    scheduler arithmetic, ``decode``); ``paths`` / ``mac_reductions``: per stage, one entry per
+    engine run of the sparse pipeline; ``cache_bytes``: per engine, all its keys of this run.
+    """
+
+    original: np.ndarray
+    dense: np.ndarray
+    sparse: np.ndarray
+    timesteps: list[int]
+    unet_mask: np.ndarray
+    decoder_mask: np.ndarray
+    unet_batch: int
+    prime_s: float
+    dense_s: dict[str, float]
+    sparse_s: dict[str, float]
+    paths: dict[str, list[str]]
+    mac_reductions: dict[str, list[float]]
+    cache_bytes: dict[str, int]
+
+    @property
+    def speedup(self) -> float:
+        """The whole dense pipeline's time over the whole sparse pipeline's (priming excluded)."""
+        return sum(self.dense_s.values()) / sum(self.sparse_s.values())
+
+    @property
+    def rel_l2(self) -> float:
+        """Relative L2 error of the sparse final image against the dense one."""
+        dense = self.dense.astype(np.float64)
+        return float(np.linalg.norm(self.sparse - dense) / (np.linalg.norm(dense) + 1e-12))
+
+    @property
+    def psnr_sparse_vs_dense(self) -> float:
+        """PSNR (dB, data range 2) of the sparse final image against the dense one."""
+        return psnr(self.sparse, self.dense)
+
+    @property
+    def psnr_original_vs_dense(self) -> float:
+        """PSNR of the original image's result against the dense edit: what ignoring the edit would give."""
+        return psnr(self.original, self.dense)
+
+
+def _input(engine: Engine, name: str) -> dict[str, object]:
+    specs = {i["name"]: i for i in engine.manifest["inputs"]}
+    if name not in specs:
+        raise ValueError(f"expected an engine with input {name!r}, got inputs {sorted(specs)}")
+    return specs[name]
+
+
+def latent_sdedit(encoder: Engine | str | os.PathLike, unet: Engine | str | os.PathLike,
+                  decoder: Engine | str | os.PathLike, original: np.ndarray, edited: np.ndarray, mask: np.ndarray, *,
+                  steps: int = 20, strength: float = 0.3, guidance_scale: float = 7.5, seed: int = 0,
+                  text_embeddings: np.ndarray | None = None, negative_embeddings: np.ndarray | None = None,
+                  noise: np.ndarray | None = None, scheduler=None, warmup: bool = True,
+                  threads: int | None = None) -> LatentSdeditResult:
+    """Edit ``original`` into ``edited`` ([1, 3, H, W] in [-1, 1]; ``mask`` the edited pixels [H, W])
+    with Stable Diffusion img2img, densely and with sigec's engines, and measure both.
+
+    Engines: ``encoder`` (input ``image``), ``unet`` (``sample`` [2, 4, h, w], ``timestep`` [2],
+    ``encoder_hidden_states`` [2, L, D]: classifier-free guidance in one batch) and ``decoder``
+    (``latent``), compiled from :func:`latent_sdedit_models`. The original's run primes them
+    (encoder and decoder at key 0, the UNet at ``key=step`` for each step); the edit then runs
+    sparsely: the encoder with ``mask``, the UNet with ``mask`` on the latent grid
+    (:func:`latent_mask`, shared by the batch), the decoder with the latent cells where the edit's
+    final latent differs from the original's (the region the UNet recomputed). The dense pipeline
+    runs the same three models with ``run_dense``. Both trajectories use the same noise. The
+    stages run one after the other (prime, sparse, dense per engine); the times are per stage.
+
+    ``text_embeddings`` / ``negative_embeddings`` [1, L, D] stand for the CLIP outputs of the prompt
+    and of the empty prompt, ``noise`` [1, 4, h, w] is the img2img noise (defaults: standard normal
+    from ``seed``, drawn in that order). ``scheduler``: a diffusers scheduler (default
+    :func:`sd_ddim_scheduler`). ``warmup`` runs every engine's sparse and dense path once before
+    the timed runs (first-run costs of ONNX Runtime sessions). Every key an engine holds for
+    ``0..n-1`` is replaced. An engine given as a file path is loaded (with ``threads``) when its
+    stage starts and released with its caches after it, so that one stage's sessions and caches
+    are in memory at a time (ONNX Runtime's arenas keep a session's peak memory until it is
+    released); ``cache_bytes`` still reports them.
+    """
+    import torch
+
+    scheduler = sd_ddim_scheduler() if scheduler is None else scheduler
+    timesteps = img2img_timesteps(scheduler, steps, strength)
+    keys = range(len(timesteps))
+    unet_mask = latent_mask(mask)
+    rng = np.random.default_rng(seed)
+    paths: dict[str, list[str]] = {s: [] for s in STAGES}
+    reductions: dict[str, list[float]] = {s: [] for s in STAGES}
+    prime_s, sparse_s, dense_s, cache_bytes = [0.0], {}, {}, {}
+
+    def sparse(engine: Engine, stage: str, inputs: dict[str, np.ndarray], run_mask: np.ndarray,
+               key: int) -> list[np.ndarray]:
+        out = engine.run(inputs, mask=run_mask, key=key)
+        paths[stage].append(engine.stats.path)
+        reductions[stage].append(engine.stats.mac_reduction)
+        return out
+
+    def timed(call):
+        begin = time.perf_counter()
+        value = call()
+        return value, time.perf_counter() - begin
+
+    def staged(engine: Engine | str | os.PathLike, stage: str, keys, work):
+        """Run one stage on ``engine`` (loaded here from a path, and released after); record its caches."""
+        owned = not isinstance(engine, Engine)
+        if owned:
+            import sigec
+
+            engine = sigec.load(engine, threads=threads)
+        try:
+            value = work(engine)
+            cache_bytes[stage] = sum(engine.cache_bytes(key) for key in keys)
+        finally:
+            if owned:
+                for key in keys:
+                    engine.drop(key)
+                del engine
+                gc.collect()
+        return value
+
+    # Stage by stage: prime on the original's run (once per editing session, not part of the edit's
+    # time), warm up, run the edit sparsely, then densely.
+    def encode(engine: Engine) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        _input(engine, "image")
+        z_original, seconds = timed(lambda: engine.prime({"image": original}, key=0)[0])
+        prime_s[0] += seconds
+        if warmup:  # first runs of the DENSE and SPARSE sessions, outside the timed pipelines
+            engine.run_dense({"image": edited})
+            engine.run({"image": edited}, mask=mask, key=0)
+        z_sparse, sparse_s["encode"] = timed(lambda: sparse(engine, "encode", {"image": edited}, mask, 0)[0])
+        z_dense, dense_s["encode"] = timed(lambda: engine.run_dense({"image": edited})[0])
+        return z_original, z_sparse, z_dense
+
+    z_original, z_sparse, z_dense = staged(encoder, "encode", [0], encode)
+
+    def denoise_all(engine: Engine) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        sample = _input(engine, "sample")
+        t_dtype = np.dtype(_input(engine, "timestep")["dtype"])
+        context = _input(engine, "encoder_hidden_states")
+        batch = int(sample["shape"][0])
+        if batch != 2:
+            raise ValueError(f"classifier-free guidance needs a UNet engine of batch 2, got {batch}")
+        shape = (1, int(context["shape"][1]), int(context["shape"][2]))
+        text = rng.standard_normal(shape).astype(np.float32) if text_embeddings is None else text_embeddings
+        negative = rng.standard_normal(shape).astype(np.float32) if negative_embeddings is None else negative_embeddings
+        prompt = np.concatenate([negative, text]).astype(np.float32)  # unconditional, conditional
+        eps_noise = rng.standard_normal((1, *sample["shape"][1:])) if noise is None else noise
+        eps_noise = torch.from_numpy(np.asarray(eps_noise, np.float32))
+
+        def feeds(latents: np.ndarray, step: int) -> dict[str, np.ndarray]:
+            doubled = scheduler.scale_model_input(torch.from_numpy(np.concatenate([latents] * 2)),
+                                                  int(timesteps[step]))
+            return {"sample": doubled.numpy(), "timestep": np.full((2,), timesteps[step], t_dtype),
+                    "encoder_hidden_states": prompt}
+
+        def denoise(image_latent: np.ndarray, predict) -> np.ndarray:
+            """The img2img loop from the encoder's latent mean; ``predict(feeds, step)`` runs the UNet."""
+            latents = scheduler.add_noise(torch.from_numpy(image_latent * np.float32(VAE_SCALING_FACTOR)),
+                                          eps_noise, torch.tensor(timesteps[:1]))
+            for step, t in enumerate(timesteps):
+                uncond, cond = predict(feeds(latents.numpy(), step), step)[0]
+                eps = uncond + np.float32(guidance_scale) * (cond - uncond)
+                latents = scheduler.step(torch.from_numpy(eps[None]), int(t), latents, return_dict=False)[0]
+            return (latents.numpy() / np.float32(VAE_SCALING_FACTOR)).astype(np.float32)
+
+        l_original, seconds = timed(lambda: denoise(z_original, lambda f, step: engine.prime(f, key=step)))
+        prime_s[0] += seconds
+        if warmup:
+            warm = feeds(z_original, 0)
+            engine.run_dense(warm)
+            engine.run(warm, mask=unet_mask, key=0)
+        l_sparse, sparse_s["unet"] = timed(
+            lambda: denoise(z_sparse, lambda f, step: sparse(engine, "unet", f, unet_mask, step)))
+        l_dense, dense_s["unet"] = timed(lambda: denoise(z_dense, lambda f, step: engine.run_dense(f)))
+        return batch, l_original, l_sparse, l_dense
+
+    batch, l_original, l_sparse, l_dense = staged(unet, "unet", keys, denoise_all)
+
+    def decode(engine: Engine) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        _input(engine, "latent")
+        original_image, seconds = timed(lambda: engine.prime({"latent": l_original}, key=0)[0])
+        prime_s[0] += seconds
+        if warmup:
+            engine.run_dense({"latent": l_original})
+            engine.run({"latent": l_original}, mask=unet_mask, key=0)
+        masks: list[np.ndarray] = []
+
+        def decode_sparse() -> np.ndarray:  # the decoder's mask is part of the sparse pipeline's time
+            masks.append(np.abs(l_sparse - l_original).max(axis=1)[0] > 0)
+            return sparse(engine, "decode", {"latent": l_sparse}, masks[0], 0)[0]
+
+        sparse_image, sparse_s["decode"] = timed(decode_sparse)
+        dense_image, dense_s["decode"] = timed(lambda: engine.run_dense({"latent": l_dense})[0])
+        return original_image, sparse_image, dense_image, masks[0]
+
+    original_image, sparse_image, dense_image, decoder_mask = staged(decoder, "decode", [0], decode)
+    return LatentSdeditResult(
+        original=original_image, dense=dense_image, sparse=sparse_image, timesteps=[int(t) for t in timesteps],
+        unet_mask=unet_mask, decoder_mask=decoder_mask, unet_batch=batch, prime_s=prime_s[0], dense_s=dense_s,
+        sparse_s=sparse_s, paths=paths, mac_reductions=reductions, cache_bytes=cache_bytes)
+
+
+def save_latent_panels(path: str | pathlib.Path, original: np.ndarray, edited: np.ndarray, mask: np.ndarray,
+                       result: LatentSdeditResult, title: str = "") -> pathlib.Path:
+    """Save original, edited input with the mask overlaid, the original's result, dense result, sparse
+    result and |sparse - dense| as a PNG. Results are shown as pipelines post-process them: clipped to [-1, 1]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    overlay = _rgb(edited).copy()
+    overlay[mask] = 0.5 * overlay[mask] + 0.5 * np.array([1.0, 1.0, 0.0])
+    difference = np.abs(result.sparse - result.dense)[0].max(axis=0)
+    panels = [("original", _rgb(original)), ("edit + mask (yellow)", overlay), ("original's result", _rgb(result.original)),
+              ("dense result", _rgb(result.dense)), ("sigec sparse result", _rgb(result.sparse)),
+              (f"|sparse - dense| (max {difference.max():.2g})", difference)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4))
+    for ax, (name, picture) in zip(axes, panels):
+        if picture.ndim == 2:
             ax.imshow(picture, cmap="gray", interpolation="nearest", vmin=0, vmax=max(float(picture.max()), 1e-12))
         else:
             ax.imshow(picture, interpolation="nearest")
