@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import prod
 
 import numpy as np
 import onnx_ir as ir
@@ -105,14 +104,3 @@ def scatter_items(b: GraphBuilder, cache: ir.Value, vals: ir.Value, layout: Toke
     positions = b.op("Expand", [positions, b.op("Shape", [items], hint=f"items_shape::{hint}")],
                      hint=f"pos_expand::{hint}")
     return b.op("ScatterElements", [cache, positions, items], hint=hint, axis=t)
-
-
-def gather_tokens(b: GraphBuilder, full: ir.Value, layout: TokenLayout, index: TokenIndex, hint: str) -> ir.Value:
-    """The active tokens ``[M, *features]`` of a full tensor laid out as ``layout``."""
-    rows = to_canonical(b, full, layout, f"full::{hint}")
-    return b.op("Gather", [rows, index.flat], hint=hint, axis=0)
-
-
-def feature_count(layout: TokenLayout) -> int:
-    """Elements per token."""
-    return prod(layout.feature_shape)

@@ -59,20 +59,9 @@ class TokenLayout:
         return (len(self.axes) == 4 and self.axes[0] == ("b",) and self.axes[2] == ("y",) and self.axes[3] == ("x",)
                 and len(self.axes[1]) == 1 and self.axes[1] == self.features)
 
-    def axis_of(self, atom: str) -> int:
-        """The axis holding ``atom``."""
-        for i, axis in enumerate(self.axes):
-            if atom in axis:
-                return i
-        raise LayoutError(f"atom {atom} is not in the layout")
-
-    def fresh(self, hint: str = "f") -> str:
+    def fresh(self) -> str:
         """A feature atom name the layout does not use yet."""
-        used = {a for a, _ in self.sizes}
-        i = 0
-        while f"{hint}{i}" in used:
-            i += 1
-        return f"{hint}{i}"
+        return _Fresh(self).new()
 
     # ----- views ---------------------------------------------------------------------------------
     def transpose(self, perm: tuple[int, ...]) -> TokenLayout:
@@ -131,14 +120,6 @@ class TokenLayout:
         """The same layout with feature ``atom`` resized (a Split, Slice, reduction or MatMul output)."""
         return replace(self, sizes=tuple((a, size if a == atom else n) for a, n in self.sizes))
 
-    def replace_feature(self, atom: str, new: str, size: int) -> TokenLayout:
-        """The same layout with feature ``atom`` replaced by ``new`` of ``size``."""
-        axes = tuple(tuple(new if a == atom else a for a in axis) for axis in self.axes)
-        features = tuple(new if a == atom else a for a in self.features)
-        sizes = tuple((new, size) if a == atom else (a, n) for a, n in self.sizes)
-        return TokenLayout(axes, features, sizes)
-
-    # ----- to and from the canonical full tensor -----------------------------------------------
     def atom_order(self) -> list[str]:
         """Atoms in the original tensor's memory order (size-1 axes contribute none)."""
         return [a for axis in self.axes for a in axis]

@@ -446,7 +446,7 @@ def rule_token_matmul(ctx: RewriteContext, node: ir.Node) -> None:
         items = b.op("MatMul", [_rows_to_items(ctx, src, node.name), mat], hint=f"items::{node.outputs[0].name}")
     else:
         items, vals = None, product(src.vals, matrix)
-    n_atom = layout.fresh("n")
+    n_atom = layout.fresh()
     out_layout = TokenLayout((*lead, layout.axes[-2], (n_atom,)), (*heads, n_atom),
                              (*((a, s) for a, s in layout.sizes if a != k), (n_atom, n)))
     if items is not None:
