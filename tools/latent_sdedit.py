@@ -29,18 +29,6 @@ import numpy as np
 ENGINES = ("encoder", "unet", "decoder")
 
 
-def _available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (None where unreadable)."""
-    try:
-        lines = pathlib.Path("/proc/meminfo").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return None
-
-
 def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-12))
 
@@ -116,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # latent_sdedit loads each engine when its stage starts and releases it after: one stage's
     # caches at a time (ONNX Runtime's arenas add to them: BENCHMARKS.md, "Latent SDEdit").
     need = max(per_key["encoder"], n_steps * per_key["unet"], per_key["decoder"])
-    limit = args.max_cache_gb * 2**30 if args.max_cache_gb is not None else 0.8 * (_available_bytes() or float("inf"))
+    limit = args.max_cache_gb * 2**30 if args.max_cache_gb is not None else 0.8 * (sdedit.available_memory_bytes() or float("inf"))
     if need > limit:
         raise SystemExit(f"caches need {need / 2**30:.2f} GiB ({n_steps} UNet keys of {per_key['unet'] / 2**20:.0f} MiB), "
                          f"over the limit of {limit / 2**30:.2f} GiB: fewer steps, --cache-dtype float16 "

@@ -23,18 +23,6 @@ if TYPE_CHECKING:
     from sigec.runtime.engine import Engine
 
 
-def _available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (None where unreadable)."""
-    try:
-        lines = pathlib.Path("/proc/meminfo").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return None
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="the 32 px test UNet instead of the 256 px church UNet")
@@ -76,7 +64,9 @@ def _check_memory(engine: Engine, sample: np.ndarray, steps: int, limit_gb: floa
     engine.prime({"sample": sample, "timestep": timestep}, key="probe")
     per_key = engine.cache_bytes("probe")
     engine.drop("probe")
-    limit = limit_gb * 2**30 if limit_gb is not None else 0.8 * (_available_bytes() or float("inf"))
+    from sigec.apps.sdedit import available_memory_bytes
+
+    limit = limit_gb * 2**30 if limit_gb is not None else 0.8 * (available_memory_bytes() or float("inf"))
     if per_key * steps > limit:
         raise SystemExit(f"{steps} caches of {per_key / 2**20:.1f} MiB need {per_key * steps / 2**30:.2f} GiB, "
                          f"over the limit of {limit / 2**30:.2f} GiB: use fewer --steps or raise --max-cache-gb")

@@ -252,9 +252,20 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return np.clip((image[0].transpose(1, 2, 0) + 1.0) / 2.0, 0.0, 1.0)
 
 
-def save_panels(path: str | pathlib.Path, original: np.ndarray, edited: np.ndarray, result: SdeditResult,
-                mask: np.ndarray, title: str = "") -> pathlib.Path:
-    """Save original, edited, dense result, sparse result, mask and |sparse - dense| side by side as a PNG."""
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where unreadable): the tools size their caches by it."""
+    try:
+        lines = pathlib.Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _save_row(path: str | pathlib.Path, panels: list[tuple[str, np.ndarray]], title: str) -> pathlib.Path:
+    """One row of titled pictures as a PNG (2-D panels, masks and error maps, in grey scaled to their maximum)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,13 +273,9 @@ def save_panels(path: str | pathlib.Path, original: np.ndarray, edited: np.ndarr
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    difference = np.abs(result.sparse - result.dense)[0].max(axis=0)
-    panels = [("original", _rgb(original)), ("edited input", _rgb(edited)), ("dense SDEdit", _rgb(result.dense)),
-              ("sigec sparse SDEdit", _rgb(result.sparse)), ("mask", mask if mask.ndim == 2 else mask[0]),
-              (f"|sparse - dense| (max {difference.max():.2g})", difference)]
     fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4))
     for ax, (name, picture) in zip(axes, panels):
-        if picture.ndim == 2:  # masks and error maps: grey, scaled to their own maximum
+        if picture.ndim == 2:
             ax.imshow(picture, cmap="gray", interpolation="nearest", vmin=0, vmax=max(float(picture.max()), 1e-12))
         else:
             ax.imshow(picture, interpolation="nearest")
@@ -279,6 +286,16 @@ def save_panels(path: str | pathlib.Path, original: np.ndarray, edited: np.ndarr
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def save_panels(path: str | pathlib.Path, original: np.ndarray, edited: np.ndarray, result: SdeditResult,
+                mask: np.ndarray, title: str = "") -> pathlib.Path:
+    """Save original, edited, dense result, sparse result, mask and |sparse - dense| side by side as a PNG."""
+    difference = np.abs(result.sparse - result.dense)[0].max(axis=0)
+    panels = [("original", _rgb(original)), ("edited input", _rgb(edited)), ("dense SDEdit", _rgb(result.dense)),
+              ("sigec sparse SDEdit", _rgb(result.sparse)), ("mask", mask if mask.ndim == 2 else mask[0]),
+              (f"|sparse - dense| (max {difference.max():.2g})", difference)]
+    return _save_row(path, panels, title)
 
 
 # ----- latent SDEdit (Stable Diffusion img2img) ---------------------------------------------------
@@ -581,29 +598,10 @@ def save_latent_panels(path: str | pathlib.Path, original: np.ndarray, edited: n
                        result: LatentSdeditResult, title: str = "") -> pathlib.Path:
     """Save original, edited input with the mask overlaid, the original's result, dense result, sparse
     result and |sparse - dense| as a PNG. Results are shown as pipelines post-process them: clipped to [-1, 1]."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     overlay = _rgb(edited).copy()
     overlay[mask] = 0.5 * overlay[mask] + 0.5 * np.array([1.0, 1.0, 0.0])
     difference = np.abs(result.sparse - result.dense)[0].max(axis=0)
     panels = [("original", _rgb(original)), ("edit + mask (yellow)", overlay), ("original's result", _rgb(result.original)),
               ("dense result", _rgb(result.dense)), ("sigec sparse result", _rgb(result.sparse)),
               (f"|sparse - dense| (max {difference.max():.2g})", difference)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4))
-    for ax, (name, picture) in zip(axes, panels):
-        if picture.ndim == 2:
-            ax.imshow(picture, cmap="gray", interpolation="nearest", vmin=0, vmax=max(float(picture.max()), 1e-12))
-        else:
-            ax.imshow(picture, interpolation="nearest")
-        ax.set_title(name)
-        ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save_row(path, panels, title)

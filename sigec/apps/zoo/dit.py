@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sigec.apps.zoo.weights import seeded
+from sigec.apps.zoo.weights import seeded, size_variant
 
 # facebook/DiT-XL-2-512, subfolder transformer (config.json; Peebles & Xie 2023, DiT-XL/2 at 512 px).
 # Values used, all passed explicitly so a change of diffusers' defaults cannot alter the model:
@@ -87,12 +87,7 @@ def dit(
     """
     from diffusers import DiTTransformer2DModel  # optional dependency, imported on use
 
-    if size is None:
-        size = "small" if small else "full"
-    elif small and size != "small":
-        raise ValueError(f"small=True contradicts size={size!r}")
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {', '.join(SIZES)}, not {size!r}")
+    size = size_variant(small, size, SIZES)
     config = SIZES[size]
     side = config["sample_size"]
     with seeded(seed):

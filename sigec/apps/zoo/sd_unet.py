@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sigec.apps.zoo.weights import seeded
+from sigec.apps.zoo.weights import seeded, size_variant
 
 # runwayml/stable-diffusion-v1-5, subfolder unet (config.json; the same as CompVis v1-4). Values
 # used, all passed explicitly so a change of diffusers' defaults cannot alter the model:
@@ -110,12 +110,7 @@ def sd_unet(
     """
     from diffusers import UNet2DConditionModel  # optional dependency, imported on use
 
-    if size is None:
-        size = "small" if small else "full"
-    elif small and size != "small":
-        raise ValueError(f"small=True contradicts size={size!r}")
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {', '.join(SIZES)}, not {size!r}")
+    size = size_variant(small, size, SIZES)
     config = SIZES[size]
     side = config["sample_size"]
     length = SMALL_TEXT_LENGTH if size == "small" else TEXT_LENGTH

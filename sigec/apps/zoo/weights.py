@@ -11,6 +11,18 @@ from torch import nn
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+def size_variant(small: bool, size: str | None, sizes: Mapping[str, object]) -> str:
+    """The size variant a factory builds: ``size``, else "small" or "full" by ``small``
+    (ValueError when they contradict or ``size`` is not one of ``sizes``)."""
+    if size is None:
+        size = "small" if small else "full"
+    elif small and size != "small":
+        raise ValueError(f"small=True contradicts size={size!r}")
+    if size not in sizes:
+        raise ValueError(f"size must be one of {', '.join(sizes)}, not {size!r}")
+    return size
+
+
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Run the block with ``torch.manual_seed(seed)`` without disturbing the caller's CPU RNG state."""
