@@ -8,7 +8,7 @@ import onnx_ir as ir
 
 from sigec.passes.graph_builder import GraphBuilder
 from sigec.passes.sparse_context import CacheSpec, StatsRequest
-from sigec.passes.stats_graph import add_norm_statistics
+from sigec.passes.stats_graph import add_norm_moments, add_norm_statistics
 
 
 class BuildFullGraphPass(ir.passes.FunctionalPass):
@@ -22,6 +22,8 @@ class BuildFullGraphPass(ir.passes.FunctionalPass):
     2. Any other activation or static cache's source becomes an output, in ``caches`` order.
     3. Frozen statistics (a ``stats`` cache): nodes computing the per-channel scale and shift are
        appended (passes/stats_graph.py), once per normalised tensor, their results outputs.
+    4. Updated statistics (``stats`` caches too): nodes computing the per-group mean and variance,
+       the same way (once per normalised tensor).
     """
 
     def __init__(self, caches: Sequence[CacheSpec], stats: Sequence[StatsRequest], batch: int) -> None:
@@ -42,13 +44,14 @@ class BuildFullGraphPass(ir.passes.FunctionalPass):
                 continue
             graph.outputs.append(value)
             modified = True
-        builder = GraphBuilder(graph, reserved_names=[*values, *graph.initializers])
+        builder = GraphBuilder(graph, reserved_names=[*values, *graph.initializers], const_prefix="full::")
         read = {c.name for c in self.caches}
-        done: set[str] = set()
+        done: set[tuple[str, str]] = set()
+        add = {"affine": add_norm_statistics, "moments": add_norm_moments}
         for request in self.stats:
-            if request.x in done or request.scale_cache not in read:
+            if (request.x, request.kind) in done or not read.intersection(request.caches):
                 continue
-            done.add(request.x)
-            add_norm_statistics(builder, request, values[request.x], self.batch, graph.opset_imports.get("", 18))
+            done.add((request.x, request.kind))
+            add[request.kind](builder, request, values[request.x], self.batch, graph.opset_imports.get("", 18))
             modified = True
         return ir.passes.PassResult(full, modified)

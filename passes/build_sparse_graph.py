@@ -15,6 +15,7 @@ from sigec.passes.macs import dense_macs
 from sigec.passes.sparse_context import RewriteContext, Unsupported, dtype_of
 from sigec.passes.sparse_forms import EMPTY_MASK, PIXEL_MASK, Dense, Sparse, Tokens
 from sigec.passes.global_rules import GLOBAL_RULES
+from sigec.passes.norm_stats import rule_updated_norm
 from sigec.passes.sparse_rules import RULES, Rule, rule_frozen_norm
 from sigec.passes.token_rules import TOKEN_RULES, takes_token_rule
 
@@ -110,7 +111,8 @@ def _on_dense_resolution(w: NodeWalk, node: ir.Node) -> None:
 
 
 def _freeze_norm(w: NodeWalk, node: ir.Node) -> None:
-    rule_frozen_norm(w.ctx, w.norms[node])
+    rule = rule_updated_norm if w.ctx.options.norm_stats == "updated" else rule_frozen_norm
+    rule(w.ctx, w.norms[node])
     w.frozen.update(w.norms[node].nodes)
 
 
@@ -238,7 +240,8 @@ class BuildSparseGraphPass(ir.passes.FunctionalPass):
     Every node, in topological order, takes the first step of :data:`DECISIONS` that applies:
 
     1. frozen normalisation (approx mode): a group/instance normalisation of an edit-dependent map
-       not on a dense resolution is ``x * scale + shift`` on tiles, with statistics frozen by FULL;
+       not on a dense resolution is ``x * scale + shift`` on tiles, with statistics frozen by FULL
+       (``norm_stats="frozen"``) or updated from the active tiles (``"updated"``, passes/norm_stats.py);
     2. inside a frozen normalisation: the match's other nodes are done;
     3. constant: no input depends on any model input: copied unchanged;
     4. static: depends only on non-spatial inputs (a timestep): FULL computes it per cache key and

@@ -19,11 +19,13 @@ class AddCacheUpdateOutputsPass(ir.passes.InPlacePass):
     1. The output is the tiles value of the cache source's Sparse form itself (no copy), typed
        ``[n_<res>, C, T, T]`` with the cache's dtype.
     2. Tiles that are already a graph output are not added again (so the pass is idempotent).
-    3. Static and statistics caches get no output (the edit does not change them).
+    3. Static and frozen-statistics caches get no output (the edit does not change them).
     4. A token cache (read only by a token scatter, passes/token_graph.py) gets the scattered full
        tensor as its output, marked ``whole``: the runtime replaces the cache with it. So does an
        activation cache whose source is Dense in the SPARSE graph (an incrementally updated global
-       reduction, passes/global_rules.py): its new value is that Dense value.
+       reduction, passes/global_rules.py): its new value is that Dense value. So does a cache whose new
+       value the SPARSE graph computes (``CacheRegistry.recomputed``: the per-group moments of updated
+       normalisation statistics, passes/norm_stats.py).
     """
 
     def __init__(self, ctx: RewriteContext) -> None:
@@ -47,7 +49,9 @@ class AddCacheUpdateOutputsPass(ir.passes.InPlacePass):
                 updates.append({"output": full.name, "cache": cache.name,
                                 "resolution": tokens[cache.source].res.name, "whole": True})
                 continue
-            dense = self._dense_value(cache.source) if cache.kind == "activation" else None
+            dense = self.ctx.caches.recomputed.get(cache.name)
+            if dense is None and cache.kind == "activation":
+                dense = self._dense_value(cache.source)
             if dense is not None:
                 if not dense.is_graph_output():
                     dense.dtype = ir.DataType.from_numpy(np.dtype(cache.dtype))

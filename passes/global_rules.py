@@ -97,7 +97,22 @@ def _valid_positions(ctx: RewriteContext, res: Resolution, np_dtype: np.dtype) -
     return b.op("Mul", factors, hint=f"valid::{res.name}")
 
 
-def _per_batch(ctx: RewriteContext, res: Resolution, per_tile: ir.Value, np_dtype: np.dtype, hint: str) -> ir.Value:
+def tile_change(ctx: RewriteContext, form: Sparse, np_dtype: np.dtype, name: str) -> ir.Value:
+    """``vals - old`` [N, C, T, T] on the active tiles of the Sparse map ``form`` (``old``: a TileGather of
+    its cache), 0 at the positions past the map's bottom/right border; ``name`` names the nodes."""
+    res, t, b = form.res, form.res.tile, ctx.graph
+    cached_map = ctx.caches.cache(form.source, resolution=res.name)
+    old = ctx.tile_gather(Dense(cached_map, None), res, window=(t, t), step=(t, t), offset=(0, 0),
+                          hint=f"old_tiles::{name}")
+    diff = b.op("Sub", [form.vals, old], hint=f"tile_change::{name}")
+    valid = _valid_positions(ctx, res, np_dtype)
+    if valid is not None:
+        diff = b.op("Mul", [diff, valid], hint=f"tile_change_inside::{name}")
+    return diff
+
+
+def per_batch_sum(ctx: RewriteContext, res: Resolution, per_tile: ir.Value, np_dtype: np.dtype, hint: str
+                  ) -> ir.Value:
     """Sum the rows of ``per_tile`` [N, C] per batch item of their tile: [B, C]."""
     b = ctx.graph
     if ctx.batch == 1:
@@ -130,16 +145,10 @@ def rule_spatial_sum(ctx: RewriteContext, node: ir.Node) -> None:
     b, t = ctx.graph, res.tile
     name = out.name
 
-    cached_map = ctx.caches.cache(form.source, resolution=res.name)
-    old = ctx.tile_gather(Dense(cached_map, None), res, window=(t, t), step=(t, t), offset=(0, 0),
-                          hint=f"old_tiles::{x.name}")
-    diff = b.op("Sub", [form.vals, old], hint=f"tile_change::{x.name}")
-    valid = _valid_positions(ctx, res, np_dtype)
-    if valid is not None:
-        diff = b.op("Mul", [diff, valid], hint=f"tile_change_inside::{x.name}")
+    diff = tile_change(ctx, form, np_dtype, x.name)
     per_tile = b.op("ReduceSum", [diff, b.const(np.array(SPATIAL_AXES, np.int64), "c:axes23")],
                     hint=f"tile_sums::{name}", keepdims=0)  # [N, C]
-    change = _per_batch(ctx, res, per_tile, np_dtype, f"change_sum::{name}")  # [B, C]
+    change = per_batch_sum(ctx, res, per_tile, np_dtype, f"change_sum::{name}")  # [B, C]
     if kind == "mean":
         change = b.op("Mul", [change, b.const(np.array(1.0 / (height * width), np_dtype), "c:inv_area")],
                       hint=f"change_mean::{name}")

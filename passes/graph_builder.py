@@ -19,10 +19,16 @@ SIGEC_OPSET = 1
 
 
 class GraphBuilder:
-    """Builds nodes into ``graph`` with ``ir.tape``; names never collide with ``reserved_names``."""
+    """Builds nodes into ``graph`` with ``ir.tape``; names never collide with ``reserved_names``.
 
-    def __init__(self, graph: ir.Graph, reserved_names: Iterable[str] = ()) -> None:
+    ``const_prefix`` starts the name of every constant: the engine file keeps one copy of each weight by
+    name across its graphs, so builders of different graphs (FULL's statistics, SPARSE) must not give
+    different constants the same name.
+    """
+
+    def __init__(self, graph: ir.Graph, reserved_names: Iterable[str] = (), const_prefix: str = "") -> None:
         self.graph = graph
+        self._const_prefix = const_prefix
         self._tape = ir.tape.Tape(graph)
         self._used: set[str] = set(reserved_names)
         self._inputs: dict[str, ir.Value] = {}
@@ -74,7 +80,7 @@ class GraphBuilder:
 
     def const(self, array: np.ndarray, hint: str) -> ir.Value:
         """A new constant (an initializer, stored with the weights)."""
-        name = self.fresh(hint)
+        name = self.fresh(self._const_prefix + hint)
         return self._tape.initializer(ir.tensor(np.asarray(array, order="C"), name=name), name=name)
 
     def initializer(self, original: ir.Value) -> ir.Value:

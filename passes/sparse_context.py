@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from sigec.core.errors import CompileError
 from sigec.core.names import cache_input, coords_input, grid_input
-from sigec.core.options import DEFAULT_TILE_SIZE
+from sigec.core.options import DEFAULT_NORM_STATS, DEFAULT_TILE_SIZE
 from sigec.passes._ir_utils import static_shape
 from sigec.passes.graph_builder import SIGEC_DOMAIN, GraphBuilder, sparse_graph
 from sigec.passes.group_norm_match import NormMatch
@@ -44,6 +44,7 @@ class RewriteOptions:
     tile_size: int | Mapping[str, int]
     fallback: str
     dense_resolutions: frozenset[str] = frozenset()
+    norm_stats: str = DEFAULT_NORM_STATS  # approx mode: "frozen" or "updated" normalisation statistics
 
     @property
     def exact(self) -> bool:
@@ -124,12 +125,16 @@ class NodeReport:
 
 @dataclass(frozen=True)
 class StatsRequest:
-    """Frozen normalisation statistics the FULL graph must produce: per-channel scale and shift of ``x``."""
+    """Normalisation statistics of ``x`` the FULL graph must produce as the caches ``caches``.
+
+    ``kind`` "affine" (frozen statistics): the per-channel scale and shift [B, C]; "moments" (updated
+    statistics, passes/norm_stats.py): the per-group mean and variance [B, G, 1].
+    """
 
     x: str
-    scale_cache: str
-    shift_cache: str
+    caches: tuple[str, str]
     match: NormMatch
+    kind: str = "affine"
 
 
 def shape_of(value: ir.Value) -> tuple[int, ...]:
@@ -272,6 +277,8 @@ class CacheRegistry:
         self._forms = forms
         self.specs: dict[str, CacheSpec] = {}
         self.stats: list[StatsRequest] = []
+        # caches whose new value the SPARSE graph computes whole (updated statistics), by cache name
+        self.recomputed: dict[str, ir.Value] = {}
         self._inputs: dict[str, ir.Value] = {}
 
     def cache(self, source: str, kind: str = "activation", resolution: str | None = None) -> ir.Value:
@@ -287,15 +294,31 @@ class CacheRegistry:
 
     def frozen_stats(self, match: NormMatch, batch: int, channels: int) -> tuple[ir.Value, ir.Value]:
         """Cache inputs with the per-channel scale and shift ([B, C]) the FULL graph computes for ``match``."""
+        return self._stats(match, ("scale", "shift"), [batch, channels], "affine")
+
+    def group_moments(self, match: NormMatch, batch: int, resolution: str) -> tuple[ir.Value, ir.Value]:
+        """Cache inputs with the per-group mean and variance ([B, G, 1]) of ``match``'s input in the original
+        (updated statistics; ``resolution``: the input's, whose active tiles change them, as a whole-cache
+        update goes with a resolution); Unsupported when another normalisation of the same input has other
+        groups."""
+        shape = [batch, int(match.groups), 1]
+        for part in ("mean", "var"):
+            spec = self.specs.get(cache_input(f"stats::{part}::{match.x.name}"))
+            if spec is not None and spec.shape != shape:
+                raise Unsupported(f"'{match.x.name}' is normalised over {spec.shape[1]} and {shape[1]} groups")
+        return self._stats(match, ("mean", "var"), shape, "moments", resolution)
+
+    def _stats(self, match: NormMatch, parts: tuple[str, str], shape: list[int], kind: str,
+               resolution: str | None = None) -> tuple[ir.Value, ir.Value]:
         x = match.x.name
         inputs = []
-        for part in ("scale", "shift"):
+        for part in parts:
             name = cache_input(f"stats::{part}::{x}")
             if name not in self.specs:
-                self.specs[name] = CacheSpec(name, f"stats::{part}::{x}", [batch, channels], "float32", "stats")
-                self._inputs[name] = self._graph.input(name, ir.DataType.FLOAT, [batch, channels])
+                self.specs[name] = CacheSpec(name, f"stats::{part}::{x}", shape, "float32", "stats", resolution)
+                self._inputs[name] = self._graph.input(name, ir.DataType.FLOAT, shape)
             inputs.append(self._inputs[name])
-        self.stats.append(StatsRequest(x, inputs[0].name, inputs[1].name, match))  # type: ignore[arg-type]
+        self.stats.append(StatsRequest(x, (inputs[0].name, inputs[1].name), match, kind))  # type: ignore[arg-type]
         return inputs[0], inputs[1]
 
     def read_by(self, graph: ir.Graph) -> list[CacheSpec]:

@@ -30,7 +30,8 @@ import onnx
 import onnx_ir as ir
 
 from sigec.core.errors import CompileError
-from sigec.core.options import DEFAULT_APPROX_DILATION, DEFAULT_CACHE_DTYPE, DEFAULT_TILE_SIZE, FALLBACKS, MODES
+from sigec.core.options import (DEFAULT_APPROX_DILATION, DEFAULT_CACHE_DTYPE, DEFAULT_NORM_STATS, DEFAULT_TILE_SIZE,
+                                FALLBACKS, MODES, NORM_STATS)
 from sigec.passes.build_full_graph import BuildFullGraphPass
 from sigec.passes.build_sparse_graph import BuildSparseGraphPass
 from sigec.passes.cache_update_outputs import AddCacheUpdateOutputsPass
@@ -52,19 +53,22 @@ class RewriteResult:
 
 
 def _options(mode: str, tile_size: int | Mapping[str, int], fallback: str,
-             dense_resolutions: tuple[str, ...]) -> RewriteOptions:
+             dense_resolutions: tuple[str, ...], norm_stats: str) -> RewriteOptions:
+    if norm_stats not in NORM_STATS:
+        raise CompileError(f"norm_stats must be one of {', '.join(NORM_STATS)}, not {norm_stats!r}")
     if dense_resolutions and mode != "approx":
         raise CompileError("dense_resolutions needs mode='approx' (in exact mode everything downstream of a "
                            "dense map would run dense)")
     for name in dense_resolutions:
         if not re.fullmatch(r"r\d+x\d+", str(name)):
             raise CompileError(f"dense resolution {name!r} is not a resolution name like 'r16x16'")
-    return RewriteOptions(mode, tile_size, fallback, frozenset(dense_resolutions))
+    return RewriteOptions(mode, tile_size, fallback, frozenset(dense_resolutions), norm_stats)
 
 
 def rewrite(model: ir.Model, *, mode: str = "approx", tile_size: int | dict[str, int] = DEFAULT_TILE_SIZE,
             fallback: str = "error", threshold: float = 0.0, dilation: int = 0, approx_dilation: int = DEFAULT_APPROX_DILATION,
-            dense_resolutions: tuple[str, ...] = (), cache_dtype: str | None = None) -> RewriteResult:
+            dense_resolutions: tuple[str, ...] = (), cache_dtype: str | None = None,
+            norm_stats: str | None = None) -> RewriteResult:
     """Rewrite a canonical model into FULL, SPARSE and DENSE graphs plus manifest fields.
 
     ``tile_size`` is one size or a mapping from resolution names (``"r64x64"``) and ``"default"``
@@ -74,6 +78,8 @@ def rewrite(model: ir.Model, *, mode: str = "approx", tile_size: int | dict[str,
     "float16" or "bfloat16"; None: DEFAULT_CACHE_DTYPE of the mode) is the precision of the caches
     only TileGather/TileScatter read (passes/half_caches.py); the manifest's
     ``options.cache_dtype`` records it.
+    ``norm_stats`` (approx mode; None: DEFAULT_NORM_STATS): GroupNorm / InstanceNorm statistics
+    "frozen" from the original or "updated" from the active tiles (passes/norm_stats.py).
     """
     if mode not in MODES:
         raise CompileError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -81,7 +87,8 @@ def rewrite(model: ir.Model, *, mode: str = "approx", tile_size: int | dict[str,
         raise CompileError(f"fallback must be one of {', '.join(FALLBACKS)}, not {fallback!r}")
     cache_dtype = check_cache_dtype(DEFAULT_CACHE_DTYPE[mode] if cache_dtype is None else cache_dtype)
     spatial = SpatialInputs.of(model)
-    ctx = RewriteContext.create(model, _options(mode, tile_size, fallback, tuple(dense_resolutions)), spatial)
+    ctx = RewriteContext.create(model, _options(mode, tile_size, fallback, tuple(dense_resolutions),
+                                                 DEFAULT_NORM_STATS if norm_stats is None else norm_stats), spatial)
     sparse = BuildSparseGraphPass(ctx)(model).model
     sparse = ir.passes.Sequential(
         ir.passes.common.RemoveUnusedNodesPass(),

@@ -592,13 +592,24 @@ def rule_batchnorm(ctx: RewriteContext, node: ir.Node) -> None:
     ctx.record.report(node, "sparse", resolution=res.name, tile=res.tile, note="per-channel affine")
 
 
-def rule_frozen_norm(ctx: RewriteContext, match: NormMatch) -> None:
+def rule_frozen_norm(ctx: RewriteContext, match: NormMatch, reason: str = "") -> None:
     """Group/instance normalisation (approx mode): ``y = x * scale[b, c] + shift[b, c]`` on tiles, with the
-    statistics frozen by the FULL graph; a fusable view when ``x`` has no view of its own."""
-    x, y = match.x, match.y
-    res = ctx.grids.res_of(y)
+    statistics frozen by the FULL graph; a fusable view when ``x`` has no view of its own. ``reason``: why
+    updated statistics (``norm_stats="updated"``) were not used, for the report."""
+    x = match.x
+    res = ctx.grids.res_of(match.y)
     xs = ctx.to_sparse(x, res, match.nodes[0])
     scale, shift = ctx.caches.frozen_stats(match, ctx.batch, shape_of(x)[1])
+    apply_norm(ctx, match, xs, scale, shift, "normalisation with frozen statistics" + (f" ({reason})" if reason else ""))
+    ctx.record.approximate(match.nodes[0], f"normalisation of '{x.name}' uses statistics frozen from the original")
+
+
+def apply_norm(ctx: RewriteContext, match: NormMatch, xs: Sparse, scale: ir.Value, shift: ir.Value, note: str) -> None:
+    """``y = x * scale[b, c] + shift[b, c]`` on the tiles ``xs`` of ``match``'s input (``scale``, ``shift``:
+    [B, C]); ``y`` is also a fusable view (the affine as the next gather's prologue) when ``x`` has no
+    view of its own. Reports the match's nodes as approx with ``note``."""
+    x, y = match.x, match.y
+    res = xs.res
     b = ctx.graph
     per_tile_shape = b.const(np.array([-1, shape_of(x)[1], 1, 1], np.int64), "c:per_tile_shape")
     s4 = b.op("Reshape", [b.op("Gather", [scale, ctx.grids.batch_index(res)], hint="scale_per_tile", axis=0),
@@ -610,9 +621,7 @@ def rule_frozen_norm(ctx: RewriteContext, match: NormMatch) -> None:
     fusable = isinstance(x_form, Sparse) and x_form.view is None
     ctx.set_sparse(y, vals, res, xs.mask, View(x_form, Prologue(scale=scale, shift=shift)) if fusable else None)
     for node in match.nodes:
-        ctx.record.report(node, "approx", resolution=res.name, tile=res.tile,
-                          note="normalisation with frozen statistics")
-    ctx.record.approximate(match.nodes[0], f"normalisation of '{x.name}' uses statistics frozen from the original")
+        ctx.record.report(node, "approx", resolution=res.name, tile=res.tile, note=note)
 
 
 RULES: dict[str, Rule] = {

@@ -1,4 +1,6 @@
-"""FULL-graph nodes that compute frozen normalisation statistics as per-channel scale and shift."""
+"""Graph nodes for normalisation statistics: the FULL graph's frozen per-channel scale and shift and
+per-group moments, and the scale and shift of given moments (shared with the SPARSE graph's updated
+statistics, passes/norm_stats.py)."""
 
 from __future__ import annotations
 
@@ -9,29 +11,39 @@ import onnx_ir as ir
 
 from sigec.core.names import cache_source
 from sigec.passes.graph_builder import GraphBuilder
+from sigec.passes.group_norm_match import NormMatch
 from sigec.passes.sparse_context import StatsRequest
 
 
-def _reduce_mean(b: GraphBuilder, x: ir.Value, axes: Sequence[int], opset: int, hint: str) -> ir.Value:
+def _reduce_mean(b: GraphBuilder, x: ir.Value, axes: Sequence[int], opset: int, hint: str,
+                 output: str | None = None) -> ir.Value:
     if opset >= 18:
-        return b.op("ReduceMean", [x, b.const(np.array(axes, np.int64), "c:axes")], hint=hint, keepdims=1)
-    return b.op("ReduceMean", [x], hint=hint, axes=list(axes), keepdims=1)
+        return b.op("ReduceMean", [x, b.const(np.array(axes, np.int64), "c:axes")], hint=hint, keepdims=1,
+                    output=output)
+    return b.op("ReduceMean", [x], hint=hint, axes=list(axes), keepdims=1, output=output)
 
 
-def add_norm_statistics(b: GraphBuilder, request: StatsRequest, x: ir.Value, batch: int, opset: int) -> None:
-    """Append nodes computing ``stats::scale::x`` and ``stats::shift::x`` ([B, C]) from ``x``, as outputs.
+def _group_moments(b: GraphBuilder, x: ir.Value, groups: int, batch: int, opset: int,
+                   names: tuple[str | None, str | None] = (None, None)) -> tuple[ir.Value, ir.Value]:
+    """Per-group mean and variance of ``x`` [B, C, H, W] over its channels' pixels: [B, G, 1] each."""
+    xr = b.op("Reshape", [x, b.const(np.array([batch, groups, -1], np.int64), "c:group_shape")], hint="stats_grouped")
+    mean = _reduce_mean(b, xr, [2], opset, "stats_mean", names[0])
+    centered = b.op("Sub", [xr, mean], hint="stats_centered")
+    var = _reduce_mean(b, b.op("Mul", [centered, centered], hint="stats_sq"), [2], opset, "stats_var", names[1])
+    return mean, var
 
-    With per-group mean ``m`` and inverse deviation ``r = 1 / sqrt(var + eps)``:
+
+def affine_of_moments(b: GraphBuilder, match: NormMatch, mean: ir.Value, var: ir.Value, batch: int,
+                      names: tuple[str | None, str | None] = (None, None)) -> tuple[ir.Value, ir.Value]:
+    """Per-channel ``scale`` and ``shift`` [B, C] of the normalisation ``match`` from the per-group ``mean``
+    and ``var`` [B, G, 1] (``names``: output names, None for generated ones).
+
+    With the inverse deviation ``r = 1 / sqrt(var + eps)``:
     ``scale[b, c] = r[b, g] * group_scale[c] * gamma[c]`` and
     ``shift[b, c] = (group_bias[c] - m[b, g] * r[b, g] * group_scale[c]) * gamma[c] + beta[c]``.
     """
-    match = request.match
-    channels, groups = int(x.shape[1]), int(match.groups)  # type: ignore[index]
+    channels, groups = int(match.gamma.shape[0]), int(match.groups)
     gs, gb, gamma, beta = match.per_channel()
-    xr = b.op("Reshape", [x, b.const(np.array([batch, groups, -1], np.int64), "c:group_shape")], hint="stats_grouped")
-    mean = _reduce_mean(b, xr, [2], opset, "stats_mean")
-    centered = b.op("Sub", [xr, mean], hint="stats_centered")
-    var = _reduce_mean(b, b.op("Mul", [centered, centered], hint="stats_sq"), [2], opset, "stats_var")
     var_eps = b.op("Add", [var, b.const(np.array(match.epsilon, np.float32), "c:eps")], hint="stats_var_eps")
     inv = b.op("Reciprocal", [b.op("Sqrt", [var_eps], hint="stats_std")], hint="stats_inv")
     expand_shape = b.const(np.array([batch, groups, channels // groups], np.int64), "c:expand")
@@ -40,9 +52,29 @@ def add_norm_statistics(b: GraphBuilder, request: StatsRequest, x: ir.Value, bat
     mean_c = b.op("Reshape", [b.op("Expand", [mean, expand_shape], hint="stats_mean_e"), to_channels],
                   hint="stats_mean_c")
     k = b.const((gs * gamma).astype(np.float32), "c:gs_gamma")
-    scale = b.op("Mul", [inv_c, k], hint="stats_scale", output=cache_source(request.scale_cache))
+    scale = b.op("Mul", [inv_c, k], hint="stats_scale", output=names[0])
     shift_const = b.const((gb * gamma + beta).astype(np.float32), "c:gb_gamma_beta")
     mean_scale = b.op("Mul", [mean_c, scale], hint="stats_mean_scale")
-    shift = b.op("Sub", [shift_const, mean_scale], hint="stats_shift", output=cache_source(request.shift_cache))
+    shift = b.op("Sub", [shift_const, mean_scale], hint="stats_shift", output=names[1])
+    return scale, shift
+
+
+def add_norm_statistics(b: GraphBuilder, request: StatsRequest, x: ir.Value, batch: int, opset: int) -> None:
+    """Append nodes computing ``stats::scale::x`` and ``stats::shift::x`` ([B, C]) from ``x``, as outputs
+    (frozen statistics)."""
+    channels = int(x.shape[1])  # type: ignore[index]
+    mean, var = _group_moments(b, x, int(request.match.groups), batch, opset)
+    scale, shift = affine_of_moments(b, request.match, mean, var, batch,
+                                     (cache_source(request.caches[0]), cache_source(request.caches[1])))
     b.output(scale, ir.DataType.FLOAT, [batch, channels])
     b.output(shift, ir.DataType.FLOAT, [batch, channels])
+
+
+def add_norm_moments(b: GraphBuilder, request: StatsRequest, x: ir.Value, batch: int, opset: int) -> None:
+    """Append nodes computing ``stats::mean::x`` and ``stats::var::x`` ([B, G, 1]) from ``x``, as outputs
+    (the original's moments that updated statistics start from)."""
+    groups = int(request.match.groups)
+    moments = _group_moments(b, x, groups, batch, opset,
+                             (cache_source(request.caches[0]), cache_source(request.caches[1])))
+    for moment in moments:
+        b.output(moment, ir.DataType.FLOAT, [batch, groups, 1])

@@ -15,8 +15,8 @@ from sigec.apps.demo import RANDOM_WEIGHTS_NOTE
 from sigec.autotune import DEFAULT_EDITS
 from sigec.core.errors import InputError, SigecError
 from sigec.core.options import (BACKENDS, CACHE_DTYPES, DEFAULT_APPROX_DILATION, DEFAULT_BACKEND, DEFAULT_CACHE_DTYPE,
-                                DEFAULT_DILATION, DEFAULT_MODE, DEFAULT_OPSET, DEFAULT_THRESHOLD, DEFAULT_TILE_SIZE,
-                                FALLBACKS, MODES)
+                                DEFAULT_DILATION, DEFAULT_MODE, DEFAULT_NORM_STATS, DEFAULT_OPSET, DEFAULT_THRESHOLD,
+                                DEFAULT_TILE_SIZE, FALLBACKS, MODES, NORM_STATS)
 from sigec.core.tensorrt_abi import PRECISIONS
 from sigec.inspection import plural
 
@@ -177,6 +177,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                          progress=not args.quiet,
                          dense_resolutions=args.dense_resolutions, autotune=args.autotune,
                          autotune_edits=args.autotune_edits, autotune_threads=args.autotune_threads,
+                         norm_stats=args.norm_stats,
                          cache_dtype=args.cache_dtype)
     from sigec.core.engine_file import read_manifest
 
@@ -334,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dense-resolutions", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
                    metavar="r8x8,r16x16",
                    help="approx mode: resolutions that run dense (small maps most edits fill); default none")
+    c.add_argument("--norm-stats", choices=NORM_STATS, default=DEFAULT_NORM_STATS,
+                   help="approx mode: GroupNorm/InstanceNorm statistics frozen from the original or updated from "
+                        f"the active tiles (default {DEFAULT_NORM_STATS})")
     c.add_argument("--cache-dtype", choices=CACHE_DTYPES, default=None,
                    help="precision of the caches only sigec's tile ops read (the others stay float32; "
                         f"default by mode: {_by_mode(DEFAULT_CACHE_DTYPE)})")

@@ -14,8 +14,8 @@ from sigec.core import VERSION
 from sigec.core.engine_file import EngineContents, write_engine
 from sigec.core.errors import CompileError
 from sigec.core.options import (BACKENDS, CACHE_DTYPES, DEFAULT_APPROX_DILATION, DEFAULT_BACKEND, DEFAULT_DILATION,
-                                DEFAULT_MODE, DEFAULT_OPSET, DEFAULT_THRESHOLD, DEFAULT_TILE_SIZE,
-                                DENSE_FALLBACK_FRACTION, MODES)
+                                DEFAULT_MODE, DEFAULT_NORM_STATS, DEFAULT_OPSET, DEFAULT_THRESHOLD, DEFAULT_TILE_SIZE,
+                                DENSE_FALLBACK_FRACTION, MODES, NORM_STATS)
 from sigec.frontends.onnx_frontend import load_onnx
 from sigec.passes.sparse_rewrite import rewrite
 from sigec.passes.tensorrt_build import build_plans, missing_requirements, unavailable_message, with_plans
@@ -65,7 +65,8 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
             dense_fallback_fraction: float = DENSE_FALLBACK_FRACTION, opset: int = DEFAULT_OPSET, dense_resolutions: Sequence[str] = (),
             autotune: bool = False, autotune_edits: Sequence[float] | None = None,
             autotune_threads: int | None = None, progress: bool = False,
-            cache_dtype: str | None = None) -> pathlib.Path:
+            cache_dtype: str | None = None,
+            norm_stats: str | None = None) -> pathlib.Path:
     """Compile a model (an .onnx path, an ``onnx.ModelProto``, an ``nn.Module`` or a ``pkg.module:factory``
     spec) into an engine file at ``output_path`` and return its path.
 
@@ -81,9 +82,15 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
     passes/half_caches.py). ``autotune=True`` chooses the tile size or dense execution of every resolution by measuring
     candidates on this machine (``sigec.autotune``; edits ``autotune_edits``, ONNX Runtime with
     ``autotune_threads`` threads) and records the measurements in the manifest.
+    ``norm_stats`` (approx mode; default ``DEFAULT_NORM_STATS``): GroupNorm / InstanceNorm of edited maps
+    with statistics ``"frozen"`` from the original or ``"updated"`` from the active tiles
+    (passes/norm_stats.py).
     """
     if mode not in MODES:
         raise CompileError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    norm_stats = DEFAULT_NORM_STATS if norm_stats is None else norm_stats
+    if norm_stats not in NORM_STATS:
+        raise CompileError(f"norm_stats must be one of {', '.join(NORM_STATS)}, not {norm_stats!r}")
     if cache_dtype is not None and cache_dtype not in CACHE_DTYPES:
         raise CompileError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, not {cache_dtype!r}")
     if backend == "tensorrt":
@@ -115,6 +122,7 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
                              threshold=DEFAULT_THRESHOLD[mode] if threshold is None else float(threshold),
                              dilation=DEFAULT_DILATION[mode] if dilation is None else int(dilation),
                              approx_dilation=approx_dilation, dense_resolutions=tuple(dense_res),
+                             norm_stats=norm_stats,
                              cache_dtype=cache_dtype)
         with shown.step("pack graphs"):
             graphs, weights = _split_weights({"full": result.full, "sparse": result.sparse, "dense": result.dense})
@@ -122,7 +130,8 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
                         "options": {**result.manifest.get("options", {}),
                                     "tile_size": tiles, "fallback": fallback, "approx_dilation": approx_dilation,
                                     "dense_fallback_fraction": float(dense_fallback_fraction), "opset": opset,
-                                    "dense_resolutions": list(dense_res), **({"autotune": record} if record else {})}}
+                                    "dense_resolutions": list(dense_res), "norm_stats": norm_stats,
+                                    **({"autotune": record} if record else {})}}
             return EngineContents(manifest=manifest, graphs=graphs, weights=weights)
 
     autotune_record = None

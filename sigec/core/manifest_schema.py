@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sigec.core.errors import EngineFileError
-from sigec.core.options import BACKENDS, CACHE_DTYPES, MODES
+from sigec.core.options import BACKENDS, CACHE_DTYPES, MODES, NORM_STATS
 
 Schema = Mapping[str, Any]
 
@@ -162,6 +162,7 @@ MANIFEST_FIELDS: dict[str, Schema] = {
         dense_fallback_fraction=number(0, MAX_FALLBACK_FRACTION),
         opset=integer(1, MAX_SMALL),
         dense_resolutions=array_of(STRING),
+        norm_stats=one_of(*NORM_STATS),
         cache_dtype=one_of(*CACHE_DTYPES),
         autotune=ANY_OBJECT,  # a record of measurements for people: no number in it is used
     ),

@@ -20,3 +20,8 @@ CACHE_DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_CACHE_DTYPE = {"exact": "float32", "approx": "float16"}
 DENSE_FALLBACK_FRACTION = 0.6  # run dense when the sparse run would execute this share of dense MACs
 DEFAULT_OPSET = 18
+# Approx mode: the statistics GroupNorm / InstanceNorm of an edited map uses: "frozen" from the original
+# run, or "updated" (the original's per-group moments plus the active tiles' change: passes/norm_stats.py).
+# Chosen by measurement: BENCHMARKS.md, "Normalisation statistics".
+NORM_STATS = ("frozen", "updated")
+DEFAULT_NORM_STATS = "frozen"
