@@ -426,26 +426,15 @@ def rule_token_matmul(ctx: RewriteContext, node: ir.Node) -> None:
     n = ms[-1]
     head_sizes = [layout.size(h) for h in heads] if any(per_head) else []
 
-    def product(rows: ir.Value, mat: ir.Value) -> ir.Value:
-        mat = b.op("Reshape", [mat, b.const(np.array([*head_sizes, ms[-2], n], np.int64), "c:mat_shape")],
-                   hint=f"mat::{node.name}")
-        if not head_sizes:
-            return b.op("MatMul", [rows, mat], hint=f"mm::{node.name}")
-        h = len(head_sizes)
-        moved = b.op("Transpose", [rows], hint=f"heads_first::{node.name}", perm=[*range(1, h + 1), 0, h + 1])
-        prod_ = b.op("MatMul", [moved, mat], hint=f"mm::{node.name}")
-        return b.op("Transpose", [prod_], hint=f"tokens_first::{node.name}", perm=[h, *range(h), h + 1])
-
     if per_item:
         # The batch items share one tile set (the resolution is marked so), so each item has M / B
         # tokens: one batched MatMul [B, heads..., M/B, k] x [B, heads..., k, n].
-        ctx.grids.shared_batch.add(src.res.name)
         batch, h = layout.size("b"), len(heads)
         mat_shape = [batch, *(head_sizes or [1] * h), ms[-2], n]
         mat = b.op("Reshape", [matrix, b.const(np.array(mat_shape, np.int64), "c:mat_shape")], hint=f"mat::{node.name}")
         items = b.op("MatMul", [_rows_to_items(ctx, src, node.name), mat], hint=f"items::{node.outputs[0].name}")
     else:
-        items, vals = None, product(src.vals, matrix)
+        items, vals = None, _weight_product(ctx, src.vals, matrix, head_sizes, ms[-2], n, node.name)
     n_atom = layout.fresh()
     out_layout = TokenLayout((*lead, layout.axes[-2], (n_atom,)), (*heads, n_atom),
                              (*((a, s) for a, s in layout.sizes if a != k), (n_atom, n)))
@@ -454,6 +443,19 @@ def rule_token_matmul(ctx: RewriteContext, node: ir.Node) -> None:
     note = "attention: active queries" if len(ms) > 2 else "per token: linear"
     _report(ctx, node, src, note + _set_result(ctx, node.outputs[0], vals, src, src.mask, out_layout, items),
             prod(layout.feature_shape) * n)
+
+
+def _weight_product(ctx: RewriteContext, rows: ir.Value, matrix: ir.Value, head_sizes: list[int], k: int, n: int,
+                    hint: str) -> ir.Value:
+    """``rows [M, *heads, k]`` times a weight ``[k, n]`` (or one per head, ``[*heads, k, n]``)."""
+    b = ctx.graph
+    mat = b.op("Reshape", [matrix, b.const(np.array([*head_sizes, k, n], np.int64), "c:mat_shape")], hint=f"mat::{hint}")
+    if not head_sizes:
+        return b.op("MatMul", [rows, mat], hint=f"mm::{hint}")
+    h = len(head_sizes)
+    moved = b.op("Transpose", [rows], hint=f"heads_first::{hint}", perm=[*range(1, h + 1), 0, h + 1])
+    out = b.op("MatMul", [moved, mat], hint=f"mm::{hint}")
+    return b.op("Transpose", [out], hint=f"tokens_first::{hint}", perm=[h, *range(h), h + 1])
 
 
 def _right_operand(ctx: RewriteContext, node: ir.Node, m: ir.Value) -> ir.Value:

@@ -151,8 +151,26 @@ def psnr(image: np.ndarray, reference: np.ndarray, data_range: float = 2.0) -> f
 # ----- the edit loop ------------------------------------------------------------------------------
 
 
+class _FinalImages:
+    """PSNRs of an edit's final images (``original``, ``dense``, ``sparse`` fields of the subclass)."""
+
+    original: np.ndarray
+    dense: np.ndarray
+    sparse: np.ndarray
+
+    @property
+    def psnr_sparse_vs_dense(self) -> float:
+        """PSNR (dB, data range 2) of the sparse final image against the dense one."""
+        return psnr(self.sparse, self.dense)
+
+    @property
+    def psnr_original_vs_dense(self) -> float:
+        """PSNR of the unedited result against the dense edit: what ignoring the edit would give."""
+        return psnr(self.original, self.dense)
+
+
 @dataclass
-class SdeditResult:
+class SdeditResult(_FinalImages):
     """Final images and measurements of one SDEdit run (images [B, 3, H, W] in [-1, 1])."""
 
     original: np.ndarray
@@ -165,16 +183,6 @@ class SdeditResult:
     cache_bytes: int
     paths: list[str] = field(default_factory=list)
     mac_reductions: list[float] = field(default_factory=list)
-
-    @property
-    def psnr_sparse_vs_dense(self) -> float:
-        """PSNR of the sparse edit against the dense edit (dB)."""
-        return psnr(self.sparse, self.dense)
-
-    @property
-    def psnr_original_vs_dense(self) -> float:
-        """PSNR of the unedited result against the dense edit: what ignoring the edit would give."""
-        return psnr(self.original, self.dense)
 
     @property
     def speedup(self) -> float:
@@ -391,7 +399,7 @@ STAGES = ("encode", "unet", "decode")
 
 
 @dataclass
-class LatentSdeditResult:
+class LatentSdeditResult(_FinalImages):
     """Final images (decoder outputs [1, 3, H, W], not clipped) and measurements of one latent SDEdit.
 
     ``dense_s`` / ``sparse_s``: seconds per stage (``encode``, ``unet``: every step with the CFG and
@@ -424,15 +432,6 @@ class LatentSdeditResult:
         dense = self.dense.astype(np.float64)
         return float(np.linalg.norm(self.sparse - dense) / (np.linalg.norm(dense) + 1e-12))
 
-    @property
-    def psnr_sparse_vs_dense(self) -> float:
-        """PSNR (dB, data range 2) of the sparse final image against the dense one."""
-        return psnr(self.sparse, self.dense)
-
-    @property
-    def psnr_original_vs_dense(self) -> float:
-        """PSNR of the original image's result against the dense edit: what ignoring the edit would give."""
-        return psnr(self.original, self.dense)
 
 
 def _input(engine: Engine, name: str) -> dict[str, object]:
