@@ -23,8 +23,6 @@ from helpers import region_of, rel_l2, rel_l2_in
 from sigec.apps import sdedit
 from sigec.core.errors import InputError
 
-pytest.importorskip("diffusers")
-
 STEPS, STRENGTH, GUIDANCE, SEED = 20, 0.3, 7.5, 0
 PX = 128
 EDIT = 0.012
