@@ -121,6 +121,78 @@ def test_exp_activations_on_extreme_values(activation):
     assert np.isnan(out).sum() == 1
 
 
+LINEAR_ACTIVATIONS = ["relu", "leaky_relu", "hard_sigmoid", "hard_swish", "clip"]
+
+
+def _linear_formula(v: np.ndarray, activation: str, alpha: float, beta: float) -> np.ndarray:
+    """The kernels' scalar formulas (plugins/ort/prologue.h) in float32, one rounding per operation
+    and no fused multiply-add; NaN propagates through min/max as in std::min/std::max."""
+    a, b, zero, one = np.float32(alpha), np.float32(beta), np.float32(0), np.float32(1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if activation == "relu":
+            return np.where(v < 0, zero, v)
+        if activation == "leaky_relu":
+            return np.where(v >= 0, v, v * a)
+        if activation == "hard_sigmoid":
+            return np.minimum(np.maximum(v * a + b, zero), one)
+        if activation == "hard_swish":
+            return v * np.minimum(np.maximum(v * (one / np.float32(6)) + np.float32(0.5), zero), one)
+        return np.minimum(np.maximum(v, a), b)  # clip
+
+
+def _same_bits(out: np.ndarray, expected: np.ndarray) -> None:
+    """Equal to the bit (signed zeros included), NaN wherever the other is NaN."""
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(out), nan)
+    np.testing.assert_array_equal(out[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+
+
+@pytest.mark.parametrize("activation", LINEAR_ACTIVATIONS)
+@pytest.mark.parametrize("affine", [False, True])
+def test_linear_activations_match_the_scalar_formulas_to_the_bit(activation, affine):
+    _check_linear_activation(activation, affine)
+
+
+def test_linear_activations_without_avx():
+    """The same on the SSE2 paths alone (SIGEC_ORT_NO_AVX=1, read once per process: a fresh interpreter)."""
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_ort_ops as t\n"
+              "for act in t.LINEAR_ACTIVATIONS:\n    for affine in (False, True): t._check_linear_activation(act, affine)")
+    env = {**os.environ, "SIGEC_ORT_NO_AVX": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _check_linear_activation(activation: str, affine: bool) -> None:
+    # The SSE2 / AVX paths of the piecewise-linear prologues (8- and 4-wide groups, then a scalar tail:
+    # window areas 3, 4, 9, 25, 36, 49, 36 exercise every mix) against the scalar formulas, on values
+    # at the kinks (+-3 and their neighbours, alpha, beta), signed zeros, infinities and NaN; padded
+    # positions stay 0 (the prologue is not applied to padding).
+    rng = np.random.default_rng(11)
+    C, H, W = 5, 13, 11
+    specials = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 3.0, -3.0, np.nextafter(3, 4), np.nextafter(-3, -4),
+                         -0.5, 0.7, -2.5, 2.5, 1e30, -1e30, 1e-40, -1e-40], np.float32)
+    base = (rng.standard_normal((1, C, H, W)) * 4).astype(np.float32)
+    flat = base.reshape(-1)
+    flat[rng.choice(flat.size, 6 * specials.size, replace=False)] = np.tile(specials, 6)
+    alpha, beta = ACT_PARAMS.get(activation, (0.0, 0.0))
+    arrays = {"base": base, "coords": coords_of([(0, y, x) for y in range(4) for x in range(3)])}
+    if affine:
+        arrays["scale"] = np.array([1.0, -1.0, 0.37, -2.5, 1e-3], np.float32)
+        arrays["shift"] = np.array([0.0, -0.0, 0.5, -3.0, 3.0], np.float32)
+    ones = {"base": np.ones_like(base), "coords": arrays["coords"]}
+    for window in [(1, 3), (2, 2), (3, 3), (5, 5), (6, 6), (7, 7), (4, 9)]:
+        attrs = {"window": list(window), "step": [4, 4], "offset": [-1, -1]}
+        out = run_gather(arrays, activation=activation, alpha=alpha, beta=beta, **attrs)
+        raw = ref_gather({"base": base, "coords": arrays["coords"]}, **attrs)
+        inside = ref_gather(ones, **attrs) != 0
+        if affine:
+            raw = raw * arrays["scale"][None, :, None, None] + arrays["shift"][None, :, None, None]
+        expected = np.where(inside, _linear_formula(raw, activation, alpha, beta), np.float32(0))
+        _same_bits(out, expected.astype(np.float32))
+        check_gather(ort_gather(), **{k: arrays.get(k) for k in ("base", "coords", "scale", "shift")},
+                     activation=activation, alpha=alpha, beta=beta, **attrs)
+
+
 @pytest.mark.parametrize("pad_mode", PAD_MODES)
 @pytest.mark.parametrize("upsample", [1, 2])
 def test_pad_modes_on_tiny_map(pad_mode, upsample):

@@ -24,7 +24,7 @@ inline float Activate(float v, float alpha, float beta) {
   if constexpr (A == Activation::kNone) {
     return v;
   } else if constexpr (A == Activation::kRelu) {
-    return v > 0.0f ? v : 0.0f;
+    return v < 0.0f ? 0.0f : v;  // NaN stays NaN, as in the reference (torch.relu)
   } else if constexpr (A == Activation::kLeakyRelu) {
     return v >= 0.0f ? v : v * alpha;
   } else if constexpr (A == Activation::kSigmoid) {

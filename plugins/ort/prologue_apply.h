@@ -1,10 +1,15 @@
 // In-place application of TileGather's prologue (v * scale + shift, then the activation) to a
 // contiguous run of floats. The exp-based activations (sigmoid, tanh, silu) use a 4-wide SSE2
-// exponential (SSE2 is part of the x86-64 baseline, so no run-time dispatch is needed); the
-// others are plain loops that the compiler vectorises. Other targets use the scalar formulas.
+// exponential (SSE2 is part of the x86-64 baseline, so no run-time dispatch is needed), 8 wide
+// with AVX2 + FMA when the CPU has them. The piecewise-linear activations (relu, leaky_relu,
+// hard_sigmoid, hard_swish, clip) have SSE2 and AVX paths too (the compiler leaves their scalar
+// loops unvectorised); these compute exactly the scalar formulas of prologue.h (multiplies and adds
+// in the same order, no fused multiply-add, min/max operands ordered so that NaN propagates as in
+// std::min/std::max), so every path gives the same bits. Other targets use the scalar formulas.
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "prologue.h"
 
@@ -15,6 +20,7 @@
 #include <immintrin.h>
 #define SIGEC_HAVE_AVX2_PATH 1
 #define SIGEC_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define SIGEC_TARGET_AVX __attribute__((target("avx")))
 #endif
 
 namespace sigec_ort {
@@ -63,10 +69,37 @@ inline __m128 Activate4(__m128 v) {
   }
 }
 
+
+// act(v) for 4 floats, for the piecewise-linear activations: bit for bit the scalar Activate<A>.
+// _mm_max_ps(a, b) is `a > b ? a : b` and _mm_min_ps(a, b) is `a < b ? a : b`, so with the constant
+// first they return v when v is NaN, as std::max(v, c) and std::min(v, c) do (and -0.0 stays).
+template <Activation A>
+inline __m128 Linear4(__m128 v, __m128 alpha, __m128 beta) {
+  const __m128 zero = _mm_setzero_ps(), one = _mm_set1_ps(1.0f);
+  if constexpr (A == Activation::kRelu) {
+    return _mm_max_ps(zero, v);
+  } else if constexpr (A == Activation::kLeakyRelu) {
+    const __m128 neg = _mm_cmplt_ps(v, zero);  // !(v >= 0) except for NaN, which keeps v * alpha = NaN
+    return _mm_or_ps(_mm_andnot_ps(neg, v), _mm_and_ps(neg, _mm_mul_ps(v, alpha)));
+  } else if constexpr (A == Activation::kHardSigmoid) {
+    return _mm_min_ps(one, _mm_max_ps(zero, _mm_add_ps(_mm_mul_ps(v, alpha), beta)));
+  } else if constexpr (A == Activation::kHardSwish) {
+    const __m128 t = _mm_add_ps(_mm_mul_ps(v, _mm_set1_ps(1.0f / 6.0f)), _mm_set1_ps(0.5f));
+    return _mm_mul_ps(v, _mm_min_ps(one, _mm_max_ps(zero, t)));
+  } else {  // kClip
+    return _mm_min_ps(beta, _mm_max_ps(alpha, v));
+  }
+}
+
 #endif  // __SSE2__
 
 constexpr bool UsesExp(Activation a) {
   return a == Activation::kSigmoid || a == Activation::kTanh || a == Activation::kSilu;
+}
+
+constexpr bool IsLinear(Activation a) {
+  return a == Activation::kRelu || a == Activation::kLeakyRelu || a == Activation::kHardSigmoid ||
+         a == Activation::kHardSwish || a == Activation::kClip;
 }
 
 #if defined(SIGEC_HAVE_AVX2_PATH)
@@ -122,8 +155,60 @@ SIGEC_TARGET_AVX2 __attribute__((noinline)) int64_t ApplyPrologueAvx2(float* dat
   return k;
 }
 
+// SIGEC_ORT_NO_AVX=1 keeps the prologues on their SSE2 paths (read once per process, for tests).
+inline bool AvxDisabled() {
+  static const bool disabled = [] {
+    const char* off = std::getenv("SIGEC_ORT_NO_AVX");
+    return off != nullptr && off[0] != '\0' && off[0] != '0';
+  }();
+  return disabled;
+}
+
 inline bool HasAvx2Fma() {
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool supported =
+      !AvxDisabled() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+}
+
+
+// Linear4, 8 floats wide. AVX only (no FMA: a fused v * alpha + beta would round differently
+// from the scalar formula).
+
+template <Activation A>
+SIGEC_TARGET_AVX static inline __m256 Linear8(__m256 v, __m256 alpha, __m256 beta) {
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+  if constexpr (A == Activation::kRelu) {
+    return _mm256_max_ps(zero, v);
+  } else if constexpr (A == Activation::kLeakyRelu) {
+    const __m256 neg = _mm256_cmp_ps(v, zero, _CMP_LT_OQ);
+    return _mm256_blendv_ps(v, _mm256_mul_ps(v, alpha), neg);
+  } else if constexpr (A == Activation::kHardSigmoid) {
+    return _mm256_min_ps(one, _mm256_max_ps(zero, _mm256_add_ps(_mm256_mul_ps(v, alpha), beta)));
+  } else if constexpr (A == Activation::kHardSwish) {
+    const __m256 t = _mm256_add_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.0f / 6.0f)), _mm256_set1_ps(0.5f));
+    return _mm256_mul_ps(v, _mm256_min_ps(one, _mm256_max_ps(zero, t)));
+  } else {  // kClip
+    return _mm256_min_ps(beta, _mm256_max_ps(alpha, v));
+  }
+}
+
+// The piecewise-linear prologue over whole 8-float groups; returns how many floats it processed.
+template <Activation A, bool kAffine>
+SIGEC_TARGET_AVX __attribute__((noinline)) int64_t ApplyLinearAvx(float* data, int64_t count, float scale, float shift,
+                                                                   float alpha, float beta) {
+  const __m256 s = _mm256_set1_ps(scale), t = _mm256_set1_ps(shift);
+  const __m256 a = _mm256_set1_ps(alpha), b = _mm256_set1_ps(beta);
+  int64_t k = 0;
+  for (; k + 8 <= count; k += 8) {
+    __m256 v = _mm256_loadu_ps(data + k);
+    if (kAffine) v = _mm256_add_ps(_mm256_mul_ps(v, s), t);
+    _mm256_storeu_ps(data + k, Linear8<A>(v, a, b));
+  }
+  return k;
+}
+
+inline bool HasAvx() {
+  static const bool supported = !AvxDisabled() && __builtin_cpu_supports("avx");
   return supported;
 }
 
@@ -157,6 +242,21 @@ inline void ApplyPrologue(float* data, int64_t count, float scale, float shift, 
     _mm_store_ps(tail, Activate4<A>(v));
     for (int64_t i = 0; i < rest; ++i) data[k + i] = tail[i];
     return;
+  }
+  if constexpr (IsLinear(A)) {
+#if defined(SIGEC_HAVE_AVX2_PATH)
+    if (HasAvx()) {
+      k = ApplyLinearAvx<A, kAffine>(data, count, scale, shift, alpha, beta);
+    }
+#endif
+    const __m128 s = _mm_set1_ps(scale), t = _mm_set1_ps(shift);
+    const __m128 a = _mm_set1_ps(alpha), b = _mm_set1_ps(beta);
+    for (; k + 4 <= count; k += 4) {
+      __m128 v = _mm_loadu_ps(data + k);
+      if (kAffine) v = _mm_add_ps(_mm_mul_ps(v, s), t);
+      _mm_storeu_ps(data + k, Linear4<A>(v, a, b));
+    }
+    // the last 0-3 floats: the scalar loop below
   }
 #endif
   for (; k < count; ++k) {
