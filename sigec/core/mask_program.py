@@ -331,10 +331,14 @@ class _Crop:
                 return _Crop.empty(batch, size)
             spans.append(out)
             reads.append((out[0] * s - p, (out[1] - 1) * s - p + (k - 1) * d + 1))
+        # The box read holds exactly the taps of the output box: slide without padding.
         local = self.read(*reads)
-        out_size = (spans[0][1] - spans[0][0], spans[1][1] - spans[1][0])
-        data = _window_any(local, kernel, stride, (0, 0, 0, 0), dilation, out_size)
-        return _Crop(data, spans[0], spans[1], (int(size[0]), int(size[1])))
+        for axis, ((lo, hi), k, s, d) in enumerate(zip(spans, kernel, stride, dilation), start=1):
+            taps = [local[(slice(None),) * axis + (slice(t * d, t * d + (hi - lo - 1) * s + 1, s),)] for t in range(k)]
+            local = taps[0].copy()
+            for tap in taps[1:]:
+                local |= tap
+        return _Crop(local, spans[0], spans[1], (int(size[0]), int(size[1])))
 
     def dilate(self, radius: int) -> "_Crop":
         if radius <= 0:
