@@ -17,7 +17,8 @@ none of them modifies):
    and TileScatter read are stored in half precision (SPARSE inputs retyped, FULL outputs cast,
    manifest entries updated).
 
-DENSE is the canonical model itself. The graphs leave as ``onnx.ModelProto`` with their weights.
+DENSE is the canonical model itself. The graphs leave as ``onnx.ModelProto`` without initializers
+(passes/weightless.py: no 2 GiB protobuf limit), their weights once, by name, beside them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -40,16 +42,41 @@ from sigec.passes.half_caches import (CastFullCachesPass, HalfCacheInputsPass, c
 from sigec.passes.remove_unused_inputs import RemoveUnusedInputsPass
 from sigec.passes.sparse_context import RewriteContext, RewriteOptions, SpatialInputs
 from sigec.passes.sparse_manifest import build_manifest
+from sigec.passes.weightless import weightless_proto
 
 
 @dataclass
 class RewriteResult:
-    """The graphs (weights embedded) and the manifest fields describing them."""
+    """The graphs (without initializers), the weights they read, and the manifest fields describing them."""
 
     full: onnx.ModelProto
     sparse: onnx.ModelProto
     dense: onnx.ModelProto
     manifest: dict[str, Any]
+    weights: dict[str, np.ndarray]
+
+    @property
+    def graphs(self) -> dict[str, onnx.ModelProto]:
+        """The engine's graphs by role."""
+        return {"full": self.full, "sparse": self.sparse, "dense": self.dense}
+
+
+def _same_array(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and (np.shares_memory(a, b) or np.array_equal(a, b))
+
+
+def _serialize(models: Mapping[str, ir.Model]) -> tuple[dict[str, onnx.ModelProto], dict[str, np.ndarray]]:
+    """Every model as a protobuf without initializers, and one copy of each weight by name."""
+    protos: dict[str, onnx.ModelProto] = {}
+    weights: dict[str, np.ndarray] = {}
+    for role, model in models.items():
+        protos[role], arrays = weightless_proto(model)
+        for name, array in arrays.items():
+            if name in weights and not _same_array(weights[name], array):
+                raise CompileError(f"internal: weight {name!r} of the {role.upper()} graph differs from the one of "
+                                   f"the same name in another graph")
+            weights.setdefault(name, array)
+    return protos, weights
 
 
 def _options(mode: str, tile_size: int | Mapping[str, int], fallback: str,
@@ -105,5 +132,6 @@ def rewrite(model: ir.Model, *, mode: str = "approx", tile_size: int | dict[str,
         full = CastFullCachesPass(half, [v.name for v in model.graph.outputs])(full).model
         manifest = half_cache_manifest(manifest, half)
     manifest = {**manifest, "options": {**manifest.get("options", {}), "cache_dtype": cache_dtype}}
-    return RewriteResult(full=ir.serde.serialize_model(full), sparse=ir.serde.serialize_model(sparse),
-                         dense=ir.serde.serialize_model(model), manifest=manifest)
+    protos, weights = _serialize({"full": full, "sparse": sparse, "dense": model})
+    return RewriteResult(full=protos["full"], sparse=protos["sparse"], dense=protos["dense"], manifest=manifest,
+                         weights=weights)

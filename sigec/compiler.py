@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from sigec import autotune as tuner
 from sigec.core import VERSION
@@ -17,18 +18,19 @@ from sigec.core.options import (BACKENDS, CACHE_DTYPES, DEFAULT_APPROX_DILATION,
                                 DEFAULT_MODE, DEFAULT_NORM_STATS, DEFAULT_OPSET, DEFAULT_THRESHOLD, DEFAULT_TILE_SIZE,
                                 DENSE_FALLBACK_FRACTION, MODES, NORM_STATS)
 from sigec.frontends.onnx_frontend import load_onnx
-from sigec.passes.sparse_rewrite import rewrite
+from sigec.passes.sparse_rewrite import RewriteResult, rewrite
 from sigec.passes.tensorrt_build import build_plans, missing_requirements, unavailable_message, with_plans
 from sigec.progress import Steps
 
 
-def _source_to_proto(source: Any, inputs: Any, opset: int) -> onnx.ModelProto | str:
-    """An ONNX path or proto as is; an nn.Module (or factory spec) exported with torch.onnx."""
+def _load_source(source: Any, inputs: Any, opset: int) -> onnx.ModelProto | ir.Model | str:
+    """An ONNX path or proto as is; an nn.Module (or factory spec) exported with torch.onnx to an
+    in-memory model (its weights are the module's tensors: any size compiles)."""
     if isinstance(source, (str, os.PathLike)) and (str(source).endswith(".onnx") or os.path.exists(source)):
         return os.fspath(source)
-    if isinstance(source, onnx.ModelProto):
+    if isinstance(source, (onnx.ModelProto, ir.Model)):
         return source
-    from sigec.frontends.torch_frontend import export_module, load_factory  # imports torch: only when needed
+    from sigec.frontends.torch_frontend import export_module_ir, load_factory  # imports torch: only when needed
 
     if isinstance(source, str):
         module, example = load_factory(source)
@@ -37,24 +39,15 @@ def _source_to_proto(source: Any, inputs: Any, opset: int) -> onnx.ModelProto | 
         module = source
     if inputs is None:
         raise CompileError("compiling a PyTorch module needs example inputs (inputs=tensor, tuple or dict)")
-    return export_module(module, inputs, opset=opset)
+    return export_module_ir(module, inputs, opset=opset)
 
 
-def _split_weights(protos: Mapping[str, onnx.ModelProto]) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
-    """Strip the initializers out of every graph and keep one copy of each by name."""
-    weights: dict[str, np.ndarray] = {}
-    graphs: dict[str, bytes] = {}
-    for name, proto in protos.items():
-        for tensor in proto.graph.initializer:
-            array = onnx.numpy_helper.to_array(tensor)
-            if tensor.name in weights:
-                if weights[tensor.name].shape != array.shape or not np.array_equal(weights[tensor.name], array):
-                    raise CompileError(f"internal: weight {tensor.name!r} differs between graphs: {weights[tensor.name]!r} vs {array!r} ({name})")
-                continue
-            weights[tensor.name] = np.asarray(array, order="C")
-        del proto.graph.initializer[:]
-        graphs[name] = proto.SerializeToString()
-    return graphs, weights
+def engine_graphs(result: RewriteResult) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
+    """The rewrite's graphs serialised for the engine file (they hold no initializers), and its weights."""
+    for role, proto in result.graphs.items():
+        if len(proto.graph.initializer):
+            raise CompileError(f"internal: the {role.upper()} graph still holds initializers")
+    return {role: proto.SerializeToString() for role, proto in result.graphs.items()}, result.weights
 
 
 def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, mode: str = DEFAULT_MODE,
@@ -67,8 +60,9 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
             autotune_threads: int | None = None, progress: bool = False,
             cache_dtype: str | None = None,
             norm_stats: str | None = None) -> pathlib.Path:
-    """Compile a model (an .onnx path, an ``onnx.ModelProto``, an ``nn.Module`` or a ``pkg.module:factory``
-    spec) into an engine file at ``output_path`` and return its path.
+    """Compile a model (an .onnx path, an ``onnx.ModelProto``, an ``onnx_ir.Model`` (transformed in place),
+    an ``nn.Module`` or a ``pkg.module:factory`` spec) into an engine file at ``output_path`` and return
+    its path. No size limit: weights are never serialised into a protobuf (passes/weightless.py).
 
     ``mode`` is ``"exact"`` (sparse output equals dense for local models) or ``"approx"``
     (SIGE-compatible masks and frozen normalisation statistics). ``tile_size`` is one int for every
@@ -111,8 +105,7 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
             raise CompileError(f"tile size must be a positive integer, got {t}")
     steps = Steps(enabled=progress)
     with steps.step("frontend"):
-        proto_or_path = _source_to_proto(source, inputs, opset)
-        model = load_onnx(proto_or_path, input_shapes)
+        model = load_onnx(_load_source(source, inputs, opset), input_shapes)
 
     def build(tiles: int | dict[str, int], dense_res: Sequence[str], record: dict | None,
               shown: Steps = steps) -> EngineContents:
@@ -125,7 +118,7 @@ def compile(source: Any, output_path: str | os.PathLike, *, inputs: Any = None, 
                              norm_stats=norm_stats,
                              cache_dtype=cache_dtype)
         with shown.step("pack graphs"):
-            graphs, weights = _split_weights({"full": result.full, "sparse": result.sparse, "dense": result.dense})
+            graphs, weights = engine_graphs(result)
             manifest = {**result.manifest, "sigec_version": VERSION, "backend": backend,
                         "options": {**result.manifest.get("options", {}),
                                     "tile_size": tiles, "fallback": fallback, "approx_dilation": approx_dilation,

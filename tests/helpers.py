@@ -30,7 +30,7 @@ import onnxruntime as ort
 import torch
 from hypothesis import settings
 
-from sigec.compiler import _split_weights
+from sigec.compiler import engine_graphs
 from sigec.core import reference_ops
 from sigec.frontends.onnx_frontend import load_onnx
 from sigec.passes.sparse_rewrite import rewrite
@@ -56,7 +56,7 @@ def engine_from_proto(proto: onnx.ModelProto, *, mode: str = "exact", tile_size:
                       **rewrite_options: Any) -> Engine:
     """Canonicalise, rewrite and load a model into an Engine (the engine-file step is skipped)."""
     result = rewrite(load_onnx(proto), mode=mode, tile_size=tile_size, **rewrite_options)
-    graphs, weights = _split_weights({"full": result.full, "sparse": result.sparse, "dense": result.dense})
+    graphs, weights = engine_graphs(result)
     runners = make_runners(backend, {k: onnx.ModelProto.FromString(v) for k, v in graphs.items()}, weights)
     return Engine(result.manifest, runners)
 

@@ -12,7 +12,7 @@ import pytest
 
 from helpers import ALWAYS_SPARSE, EXACT_TOLERANCE, ort_oracle, rel_err
 from random_nets import random_local_net
-from sigec.compiler import _split_weights
+from sigec.compiler import engine_graphs
 from sigec.frontends.onnx_frontend import load_onnx
 from sigec.passes.sparse_rewrite import rewrite
 from sigec.runtime.backends import TorchRunner
@@ -43,7 +43,7 @@ PROTO = random_local_net(5, depth=5, size=(24, 24))
 def resident_engine():
     """An exact-mode engine on the PyTorch runner with device-resident caches, always on the sparse path."""
     result = rewrite(load_onnx(PROTO), mode="exact", tile_size=4)
-    graphs, weights = _split_weights({"full": result.full, "sparse": result.sparse, "dense": result.dense})
+    graphs, weights = engine_graphs(result)
     runners = {k: TorchRunner(onnx.ModelProto.FromString(v), weights, resident_caches=True) for k, v in graphs.items()}
     engine = Engine(result.manifest, runners, dense_fallback_fraction=ALWAYS_SPARSE)
     name = engine.input_names[0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-_TORCH_NAMES = ("ExampleInputs", "export_module", "load_factory", "normalize_inputs")
+_TORCH_NAMES = ("ExampleInputs", "export_module", "export_module_ir", "load_factory", "normalize_inputs")
 
 __all__ = list(_TORCH_NAMES)
 

@@ -22,53 +22,73 @@ from sigec.passes.fold_batchnorm import FoldBatchNormPass
 from sigec.passes.fold_pad_into_conv import FoldPadIntoConvPass
 from sigec.passes.focus_to_space_to_depth import FocusToSpaceToDepthPass
 from sigec.passes.squeeze_singleton_axes import SqueezeSingletonAxesPass
+from sigec.passes.weightless import drop_value_info, tensor_array, weights_detached
+
+SHAPE_CONSTANT_BYTES = 1024  # initializers up to this size stay in the models serialised for shape inference
 
 
-def load_onnx(source: str | os.PathLike | onnx.ModelProto,
+def load_onnx(source: str | os.PathLike | onnx.ModelProto | ir.Model,
               input_shapes: Mapping[str, Sequence[int]] | None = None) -> ir.Model:
-    """Load an ONNX model and return it canonicalised (see :func:`canonicalize`)."""
-    if isinstance(source, onnx.ModelProto):
-        proto = source
-    else:
-        path = os.fspath(source)
-        if not os.path.exists(path):
-            raise CompileError(f"model file not found: {path}")
-        try:
-            proto = onnx.load(path)
-        except Exception as exc:  # onnx raises DecodeError, OSError, ...
-            raise CompileError(f"cannot read ONNX model {path}: {exc}") from exc
-    return canonicalize(proto, input_shapes)
+    """Load an ONNX model and return it canonicalised (see :func:`canonicalize`).
+
+    A file's external data (models over 2 GiB) stays on disk, memory-mapped, until it is read."""
+    if isinstance(source, (onnx.ModelProto, ir.Model)):
+        return canonicalize(source, input_shapes)
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise CompileError(f"model file not found: {path}")
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ...
+        raise CompileError(f"cannot read ONNX model {path}: {exc}") from exc
+    model = _to_ir(proto)
+    _check_external_data(model, os.path.dirname(os.path.abspath(path)), path)
+    return canonicalize(model, input_shapes)
 
 
-def _pin_input_shapes(proto: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> None:
-    initializer_names = {t.name for t in proto.graph.initializer}
-    inputs = {i.name: i for i in proto.graph.input if i.name not in initializer_names}
+def _check_external_data(model: ir.Model, base_dir: str, path: str) -> None:
+    """Point the model's external tensors at ``base_dir``; a missing data file is a CompileError."""
+    ir.external_data.set_base_dir(model.graph, base_dir)
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and not os.path.exists(tensor.path):
+            raise CompileError(f"the weight '{value.name}' of {path} is stored in the external data file "
+                               f"'{tensor.location}', which does not exist ({tensor.path})")
+
+
+def _model_inputs(model: ir.Model) -> list[ir.Value]:
+    """The graph inputs that are not initializers (IR version < 4 lists initializers as inputs too)."""
+    return [v for v in model.graph.inputs if v.name not in model.graph.initializers]
+
+
+def _dims(value: ir.Value) -> list[int | str]:
+    return ["?" if d is None else (d if isinstance(d, int) else (d.value or "?")) for d in (value.shape or [])]
+
+
+def _pin_input_shapes(model: ir.Model, input_shapes: Mapping[str, Sequence[int]]) -> None:
+    inputs = {v.name: v for v in _model_inputs(model)}
     for name, shape in input_shapes.items():
         if name not in inputs:
             raise CompileError(f"--input-shape names '{name}', which is not a model input "
                                f"(inputs: {', '.join(inputs)})")
-        dims = inputs[name].type.tensor_type.shape.dim
+        value = inputs[name]
+        dims = list(value.shape) if value.shape is not None else []
         if len(dims) != len(shape):
             raise CompileError(f"input '{name}' has rank {len(dims)}, but the pinned shape {tuple(shape)} "
                                f"has rank {len(shape)}")
         for dim, size in zip(dims, shape):
-            if dim.HasField("dim_value") and dim.dim_value not in (0, int(size)):
-                raise CompileError(f"input '{name}' has static size {dim.dim_value} where the pinned shape "
+            if isinstance(dim, int) and dim not in (0, int(size)):
+                raise CompileError(f"input '{name}' has static size {dim} where the pinned shape "
                                    f"says {size}")
-            dim.Clear()
-            dim.dim_value = int(size)
+        value.shape = ir.Shape([int(size) for size in shape])
 
 
-def _check_static_inputs(proto: onnx.ModelProto) -> None:
-    initializer_names = {t.name for t in proto.graph.initializer}
-    for inp in proto.graph.input:
-        if inp.name in initializer_names:
-            continue
-        dims = inp.type.tensor_type.shape.dim
-        if any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims):
-            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
-            raise CompileError(f"input '{inp.name}' has a dynamic shape {shape}; pin it with "
-                               f"--input-shape {inp.name}=" + ",".join("N" for _ in dims) +
+def _check_static_inputs(model: ir.Model) -> None:
+    for value in _model_inputs(model):
+        dims = list(value.shape) if value.shape is not None else []
+        if value.shape is None or any(not isinstance(d, int) or d <= 0 for d in dims):
+            raise CompileError(f"input '{value.name}' has a dynamic shape {_dims(value)}; pin it with "
+                               f"--input-shape {value.name}=" + ",".join("N" for _ in dims) +
                                " (Python: input_shapes={...})")
 
 
@@ -94,34 +114,36 @@ def _fill_shape_preserving(model: ir.Model) -> bool:
     return changed
 
 
-def _default_opset(proto: onnx.ModelProto) -> int | None:
-    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+def _default_opset(model: ir.Model) -> int | None:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
 
 
-def _nodes_named_in(proto: onnx.ModelProto, message: str) -> list[onnx.NodeProto]:
+def _nodes_named_in(model: ir.Model, message: str) -> list[ir.Node]:
     """Nodes of the main graph whose op type the message names (the version converter names ops only)."""
     named = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", message))
-    return [n for n in proto.graph.node if n.domain in ("", "ai.onnx") and n.op_type in named]
+    return [n for n in model.graph if n.domain in ("", "ai.onnx") and n.op_type in named]
 
 
-def _convert_opset(proto: onnx.ModelProto) -> onnx.ModelProto:
+def _convert_opset(model: ir.Model) -> ir.Model:
     """A model of an older default opset converted to DEFAULT_OPSET (the sparse rewrite emits nodes of
-    that opset, and constant folding writes Constant attributes that older opsets do not have)."""
-    version = _default_opset(proto)
+    that opset, and constant folding writes Constant attributes that older opsets do not have).
+    Models of older opsets are small: the conversion serialises the model with its weights."""
+    version = _default_opset(model)
     if version is None or version >= DEFAULT_OPSET:
-        return proto
-    for node in proto.graph.node:
+        return model
+    for node in model.graph:
         if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type):
             raise CompileError(f"node '{node.name}' ({node.op_type}) is not an ONNX operator (opset {version})")
     try:
-        return onnx.version_converter.convert_version(proto, DEFAULT_OPSET)
+        converted = onnx.version_converter.convert_version(ir.to_proto(model), DEFAULT_OPSET)
     except Exception as exc:  # the converter raises RuntimeError / IndexError with C++ assertion text
         message = " ".join(str(exc).split())
-        culprits = _nodes_named_in(proto, message)
+        culprits = _nodes_named_in(model, message)
         where = ("at " + ", ".join(f"node '{n.name}' ({n.op_type})" for n in culprits[:5])
                  + (f" and {len(culprits) - 5} more" if len(culprits) > 5 else "") + ": ") if culprits else ""
         raise CompileError(f"cannot convert the model from opset {version} to opset {DEFAULT_OPSET} (onnx version "
                            f"converter) {where}{message}") from exc
+    return _to_ir(converted)
 
 
 def _to_ir(proto: onnx.ModelProto) -> ir.Model:
@@ -139,16 +161,14 @@ def _infer_shapes(model: ir.Model) -> None:
     """Merge the shapes onnx shape inference finds (non-strict: it skips nodes it cannot infer) into
     values whose shape is not static. A failure of the whole inference leaves the model as it was
     (ONNX Runtime fills in what is missing, see :func:`_shapes_from_onnxruntime`)."""
-    proto = ir.to_proto(model)
-    # Weights do not decide shapes: pass them as typed inputs to keep the serialized model small.
-    big = [t for t in proto.graph.initializer if len(t.raw_data) > 1024]
+    # Weights do not decide shapes: they go in as typed inputs, which keeps the serialized model small
+    # (and under protobuf's 2 GiB). Small constants stay: shape computations read them.
+    with weights_detached(model, SHAPE_CONSTANT_BYTES + 1) as detached:
+        proto = ir.to_proto(model)
+    drop_value_info(proto, set(detached))
     listed = {i.name for i in proto.graph.input}  # IR version < 4 lists initializers as inputs too
-    for tensor in big:
-        if tensor.name not in listed:
-            proto.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
-    keep = [t for t in proto.graph.initializer if len(t.raw_data) <= 1024]
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(keep)
+    proto.graph.input.extend(onnx.helper.make_tensor_value_info(name, int(t.dtype), list(t.shape))
+                             for name, t in detached.items() if name not in listed)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception:  # e.g. a conflict between a stored and an inferred shape; ONNX Runtime decides
@@ -196,7 +216,14 @@ def _shapes_from_onnxruntime(model: ir.Model, values: Sequence[ir.Value]) -> Non
     """
     import onnxruntime as ort  # only for models whose shapes onnx cannot infer
 
-    proto = ir.to_proto(model)
+    with weights_detached(model, SHAPE_CONSTANT_BYTES + 1) as detached:
+        proto = ir.to_proto(model)
+    drop_value_info(proto, set(detached))
+    for name, tensor in detached.items():  # weights go in as external initializers: no 2 GiB limit
+        entry = onnx.TensorProto(name=name, data_type=int(tensor.dtype), dims=list(tensor.shape),
+                                 data_location=onnx.TensorProto.EXTERNAL)
+        entry.external_data.add(key="location", value="sigec-shape-run")
+        proto.graph.initializer.append(entry)
     returned = {o.name for o in proto.graph.output}
     names = [v.name for v in values]
     proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in returned)
@@ -204,6 +231,9 @@ def _shapes_from_onnxruntime(model: ir.Model, values: Sequence[ir.Value]) -> Non
     # Unoptimised, so every requested intermediate exists as computed; quiet, as errors are raised.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4
+    weights = {name: ort.OrtValue.ortvalue_from_numpy(tensor_array(t)) for name, t in detached.items()}
+    if weights:
+        options.add_external_initializers(list(weights), list(weights.values()))
     nodes = ", ".join(f"'{v.producer().name}' ({v.producer().op_type})" for v in values[:5]) + (
         f" and {len(values) - 5} more" if len(values) > 5 else "")
     try:
@@ -258,8 +288,11 @@ def _apply(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> ir.Model:
     return model
 
 
-def canonicalize(proto: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> ir.Model:
-    """Bring a model into sigec's canonical form; every failure is a CompileError.
+def canonicalize(source: onnx.ModelProto | ir.Model,
+                 input_shapes: Mapping[str, Sequence[int]] | None = None) -> ir.Model:
+    """Bring a model into sigec's canonical form; every failure is a CompileError. A protobuf is left
+    as it is; an ``ir.Model`` is transformed in place (and returned). Weights are never serialised
+    (models over 2 GiB compile).
 
     Steps: pin input shapes; convert an older default opset to DEFAULT_OPSET; infer shapes with onnx;
     fold constants; name unnamed nodes and values; complete the shapes (ONNX Runtime on zeros where
@@ -268,12 +301,11 @@ def canonicalize(proto: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
     and BatchNorm into Conv; remove unused nodes; sort; check that
     every value read has a static shape.
     """
-    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    model = _to_ir(source) if isinstance(source, onnx.ModelProto) else source
     if input_shapes:
-        _pin_input_shapes(proto, input_shapes)
-    _check_static_inputs(proto)
-    proto = _convert_opset(proto)
-    model = _to_ir(proto)
+        _pin_input_shapes(model, input_shapes)
+    _check_static_inputs(model)
+    model = _convert_opset(model)
     _infer_shapes(model)
     _fold_constants(model)
     # every node and value named (uniquely): reports, errors and cache names refer to them

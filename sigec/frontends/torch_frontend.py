@@ -235,15 +235,16 @@ def _name_outputs(graph: ir.Graph, wanted: Sequence[str]) -> None:
         _rename(graph, value, name)
 
 
-def export_module(
+def export_module_ir(
     module: nn.Module,
     inputs: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
     *,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     opset: int = 18,
-) -> onnx.ModelProto:
-    """Export ``module`` (put in eval mode) with static shapes to an ONNX model with inferred shapes.
+) -> ir.Model:
+    """Export ``module`` (put in eval mode) with static shapes to an in-memory ONNX model whose
+    weights stay the module's tensors (no copy, no protobuf: any size).
 
     Uses ``torch.onnx.export(dynamo=True)``; if that fails, warns and retries with the TorchScript
     exporter. Input names: ``input_names``, else the dict keys, else the forward's parameter names
@@ -278,8 +279,22 @@ def export_module(
         count = len(graph.outputs)
         output_names = ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
     _name_outputs(graph, list(output_names))
-    proto = ir.to_proto(model)
+    return model
+
+
+def export_module(
+    module: nn.Module,
+    inputs: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    opset: int = 18,
+) -> onnx.ModelProto:
+    """:func:`export_module_ir` as an ``onnx.ModelProto`` with inferred shapes (protobuf holds at
+    most 2 GiB: larger models compile from :func:`export_module_ir`'s in-memory model)."""
+    model = export_module_ir(module, inputs, input_names=input_names, output_names=output_names, opset=opset)
     try:
+        proto = ir.to_proto(model)
         return onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception as exc:
         raise CompileError(f"shape inference failed on the exported model: {exc}") from exc
