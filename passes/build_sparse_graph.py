@@ -13,9 +13,9 @@ from sigec.passes.graph_builder import SIGEC_DOMAIN
 from sigec.passes.group_norm_match import NormMatch, find_norms
 from sigec.passes.macs import dense_macs
 from sigec.passes.sparse_context import RewriteContext, Unsupported, dtype_of
-from sigec.passes.sparse_forms import EMPTY_MASK, PIXEL_MASK, Dense, Sparse, Tokens
+from sigec.passes.sparse_forms import EMPTY_MASK, PIXEL_MASK, Dense, Form, Sparse, Tokens
 from sigec.passes.global_rules import GLOBAL_RULES
-from sigec.passes.norm_stats import rule_updated_norm
+from sigec.passes.norm_stats import rule_token_norm, rule_updated_norm
 from sigec.passes.sparse_rules import RULES, Rule, rule_frozen_norm
 from sigec.passes.token_rules import TOKEN_RULES, takes_token_rule
 
@@ -116,6 +116,19 @@ def _freeze_norm(w: NodeWalk, node: ir.Node) -> None:
     w.frozen.update(w.norms[node].nodes)
 
 
+def _freeze_token_norm(w: NodeWalk, node: ir.Node) -> Next | None:
+    """Per active token with frozen statistics (updated ones are for maps only); a declining rule
+    leaves the node to the next steps."""
+    match = w.norms[node]
+    try:
+        rule_token_norm(w.ctx, match, "no updated statistics for tokens" if w.ctx.options.norm_stats == "updated"
+                        else "")
+    except Unsupported as exc:
+        return Next(str(exc))
+    w.frozen.update(match.nodes)
+    return None
+
+
 def _skip(w: NodeWalk, node: ir.Node) -> None:
     return None
 
@@ -169,10 +182,24 @@ def _fallback(w: NodeWalk, node: ir.Node) -> None:
 
 
 # ----- predicates ------------------------------------------------------------------------------
+def _norm_input(w: NodeWalk, node: ir.Node) -> Form | None:
+    """The form of the input of the normalisation that starts at ``node``, when one does."""
+    match = w.norms.get(node)
+    if match is None or not w.ctx.forms.has(match.x):  # type: ignore[arg-type]
+        return None
+    return w.ctx.forms.get(match.x)  # type: ignore[arg-type]
+
+
 def _starts_frozen_norm(w: NodeWalk, node: ir.Node) -> bool:
     match = w.norms.get(node)
     return (match is not None and w.ctx.forms.is_edit_dependent(match.x)
+            and len(static_shape(match.x) or ()) == 4  # type: ignore[arg-type]
+            and not isinstance(_norm_input(w, node), Tokens)
             and w.ctx.grids.dense_resolution_of(match.y.producer()) is None)  # type: ignore[arg-type]
+
+
+def _starts_token_norm(w: NodeWalk, node: ir.Node) -> bool:
+    return isinstance(_norm_input(w, node), Tokens)
 
 
 def _has_static_input(w: NodeWalk, node: ir.Node) -> bool:
@@ -200,6 +227,7 @@ def _inside_island(w: NodeWalk, node: ir.Node) -> bool:
 
 
 DECISIONS: tuple[Step, ...] = (
+    Step("frozen normalisation of tokens", _starts_token_norm, _freeze_token_norm),
     Step("frozen normalisation", _starts_frozen_norm, _freeze_norm),
     Step("inside a frozen normalisation", lambda w, n: n in w.frozen, _skip),
     Step("constant", lambda w, n: w.input_kind(n) == "constant", _copy_constant),
@@ -239,32 +267,37 @@ class BuildSparseGraphPass(ir.passes.FunctionalPass):
 
     Every node, in topological order, takes the first step of :data:`DECISIONS` that applies:
 
-    1. frozen normalisation (approx mode): a group/instance normalisation of an edit-dependent map
+    1. frozen normalisation of tokens (approx mode): a group/instance normalisation of tokens whose
+       axis 1 holds the channels (``[B, C, H*W]``, attention blocks) is ``x * scale + shift`` per
+       active token with statistics frozen by FULL (passes/norm_stats.py); a rule that declines
+       leaves the node to the next steps;
+    2. frozen normalisation (approx mode): a group/instance normalisation of an edit-dependent map
        not on a dense resolution is ``x * scale + shift`` on tiles, with statistics frozen by FULL
        (``norm_stats="frozen"``) or updated from the active tiles (``"updated"``, passes/norm_stats.py);
-    2. inside a frozen normalisation: the match's other nodes are done;
-    3. constant: no input depends on any model input: copied unchanged;
-    4. static: depends only on non-spatial inputs (a timestep): FULL computes it per cache key and
+       a ``[B, C, L]`` input that is no tokens takes the next steps;
+    3. inside a frozen normalisation: the match's other nodes are done;
+    4. constant: no input depends on any model input: copied unchanged;
+    5. static: depends only on non-spatial inputs (a timestep): FULL computes it per cache key and
        the SPARSE graph reads it as a cache;
-    5. static inputs read as caches: an edit node's static inputs become cache inputs (then go on);
-    6. downstream of a dense island (exact mode): dense, so exactness is kept;
-    7. token rule (passes/token_rules.py): a view of a sparse map as tokens, or an op on such
+    6. static inputs read as caches: an edit node's static inputs become cache inputs (then go on);
+    7. downstream of a dense island (exact mode): dense, so exactness is kept;
+    8. token rule (passes/token_rules.py): a view of a sparse map as tokens, or an op on such
        tokens (per-token ops, attention), computed on the active tiles' tokens; a rule that
        declines leaves the node to the next steps;
-    8. token rule declined: any other node reading tokens runs dense on full tensors (its token
+    9. token rule declined: any other node reading tokens runs dense on full tensors (its token
        inputs scattered into their caches): tokens are no feature maps for the later rules;
-    9. global reduction (passes/global_rules.py): a spatial reduction of a sparse map, updated
-       from the active tiles (declining: next steps);
-    10. no feature-map output (a node with a rule): dense, part of an island;
-    11. inside a dense island (a node with a rule whose inputs are all island outputs and whose
+    10. global reduction (passes/global_rules.py): a spatial reduction of a sparse map, updated
+        from the active tiles (declining: next steps);
+    11. no feature-map output (a node with a rule): dense, part of an island;
+    12. inside a dense island (a node with a rule whose inputs are all island outputs and whose
         outputs lie on no resolution the edit reaches): dense;
-    12. dense resolution (approx mode, ``dense_resolutions``): dense on full maps;
-    13. sparse rule (passes/sparse_rules.py): computed on the active tiles; a rule that declines
-        (``Unsupported``) leaves the node to steps 14 and 15 with its reason;
-    14. global op (attention, reductions, reshapes, global pooling, a Split or Slice whose rule
+    13. dense resolution (approx mode, ``dense_resolutions``): dense on full maps;
+    14. sparse rule (passes/sparse_rules.py): computed on the active tiles; a rule that declines
+        (``Unsupported``) leaves the node to steps 15 and 16 with its reason;
+    15. global op (attention, reductions, reshapes, global pooling, a Split or Slice whose rule
         declined): a dense island; in approx mode downstream tiles read its output only on active
         tiles (recorded as an approximation);
-    15. unsupported: dense with ``fallback="dense"``, else listed in one CompileError.
+    16. unsupported: dense with ``fallback="dense"``, else listed in one CompileError.
 
     Finally model outputs that are sparse are scattered into their cached original (the one
     full-size write); other outputs are copied under their names. ``decisions`` maps each node's

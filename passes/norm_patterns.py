@@ -1,11 +1,14 @@
 """Normalisation spellings as onnxscript rewriter patterns, used for matching only.
 
-A spelling is a pattern written as ONNX ops computing ``normalised`` from an NCHW ``x`` over groups
-of channels, optionally followed by the exporter's per-channel affine: ``Mul`` by ``gamma``, then
-``Add`` of ``beta``, each constant on either side. ``check`` fails with a reason for what the op
-graph cannot say (static shapes, constants, axes, group counts); ``parameters`` reads the
-statistics' constants off a match. Nothing is rewritten here: the sparse rewrite builds a new graph
-from the matches, so the patterns are not ``RewriteRule``s in a ``RewriteRuleSet``.
+A spelling is a pattern written as ONNX ops computing ``normalised`` from ``x`` over groups of
+channels, optionally followed by the exporter's per-channel affine: ``Mul`` by ``gamma``, then
+``Add`` of ``beta``, each constant on either side. ``x`` is a map ``[B, C, H, W]`` or a rank-3
+``[B, C, L]`` (diffusers' attention blocks normalise the token view ``[B, C, H*W]``): channels on
+axis 1, statistics per batch item over a group of channels times every other position. ``check``
+fails with a reason for what the op graph cannot say (static shapes, constants, axes, group
+counts); ``parameters`` reads the statistics' constants off a match. Nothing is rewritten here: the
+sparse rewrite builds a new graph from the matches, so the patterns are not ``RewriteRule``s in a
+``RewriteRuleSet``.
 
 Adding a spelling: subclass :class:`NormSpelling` with ``normalise`` (the ops) and
 ``core_parameters`` (the check and the constants), and list it in :data:`SPELLINGS`;
@@ -51,10 +54,14 @@ class NotANorm(Exception):
     """A check failed; the message is the reason. (onnxscript's MatchFailureError is private.)"""
 
 
-def _shape(value: ir.Value, rank: int, what: str) -> tuple[int, ...]:
+INPUT_RANKS = (3, 4)  # [B, C, L] and [B, C, H, W]
+
+
+def _shape(value: ir.Value, ranks: tuple[int, ...], what: str) -> tuple[int, ...]:
     shape = static_shape(value)
-    if shape is None or len(shape) != rank:
-        raise NotANorm(f"{what} '{value.name}' is not a static rank-{rank} tensor (shape {value.shape})")
+    if shape is None or len(shape) not in ranks:
+        wanted = " or ".join(str(r) for r in ranks)
+        raise NotANorm(f"{what} '{value.name}' is not a static rank-{wanted} tensor (shape {value.shape})")
     return shape
 
 
@@ -65,20 +72,22 @@ def _constant(value: ir.Value | None, what: str) -> np.ndarray:
     return arr
 
 
-def _channel_constant(value: ir.Value, channels: int, what: str) -> np.ndarray:
-    """A constant broadcasting per channel over NCHW (scalar, [C,1,1] or [1,C,1,1]) as [C] float32."""
+def _channel_constant(value: ir.Value, channels: int, rank: int, what: str) -> np.ndarray:
+    """A constant broadcasting per channel over a rank-``rank`` input (a scalar, or C on axis 1 once
+    right-aligned: [C,1,1] or [1,C,1,1] for a map, [C,1] or [1,C,1] for [B, C, L]) as [C] float32."""
     arr = _constant(value, what)
     if arr.size == 1:
         return np.full(channels, float(arr.reshape(-1)[0]), np.float32)
-    if tuple(arr.shape) in ((channels, 1, 1), (1, channels, 1, 1)):
+    per_channel = (1, channels) + (1,) * (rank - 2)
+    if arr.ndim <= rank and (1,) * (rank - arr.ndim) + tuple(arr.shape) == per_channel:
         return arr.reshape(-1).astype(np.float32)
     raise NotANorm(f"{what} of shape {tuple(arr.shape)} is not per channel of {channels}")
 
 
 def _groups_and_channels(x: ir.Value, grouped: ir.Value, normalised: ir.Value) -> tuple[int, int]:
     """``(G, C)`` of ``Reshape(x) -> [B, G, -1] -> ... -> Reshape back to x's shape``."""
-    xs = _shape(x, 4, "input")
-    gs = _shape(grouped, 3, "grouped input")
+    xs = _shape(x, INPUT_RANKS, "input")
+    gs = _shape(grouped, (3,), "grouped input")
     groups = gs[1]
     if gs[0] != xs[0] or groups <= 0 or xs[1] % groups:
         raise NotANorm(f"reshape {xs} -> {gs} does not split {xs[1]} channels into groups")
@@ -143,13 +152,13 @@ class NormSpelling(pattern.PatternBase):
                    **bindings: Any) -> NormParameters:
         """The parameters of a match, the affine tail folded into ``gamma`` and ``beta``; raises NotANorm."""
         p = self.core_parameters(model, **bindings)
-        channels = p.gamma.shape[0]
+        channels, rank = p.gamma.shape[0], len(static_shape(bindings["x"]) or ())  # checked by core_parameters
         for op_type, _ in self.tail:
             if op_type == "Mul":
-                factor = _channel_constant(gamma, channels, "gamma")
+                factor = _channel_constant(gamma, channels, rank, "gamma")
                 p = replace(p, gamma=p.gamma * factor, beta=p.beta * factor)
             else:
-                p = replace(p, beta=p.beta + _channel_constant(beta, channels, "beta"))
+                p = replace(p, beta=p.beta + _channel_constant(beta, channels, rank, "beta"))
         return p
 
 
@@ -210,14 +219,14 @@ class ReduceMeanChain(NormSpelling):
 
 
 class InstanceNorm(NormSpelling):
-    """InstanceNormalization on NCHW (groups == channels)."""
+    """InstanceNormalization of ``[B, C, H, W]`` or ``[B, C, L]`` (groups == channels)."""
 
     def normalise(self, op: Op, x: Value, scale: Value, bias: Value, epsilon: Value) -> Value:
         return op.InstanceNormalization(x, scale, bias, _outputs=["normalised"])
 
     def core_parameters(self, model: ir.Model, *, x: ir.Value, normalised: ir.Value, scale: ir.Value,
                         bias: ir.Value, **_: Any) -> NormParameters:
-        channels = _shape(x, 4, "input")[1]
+        channels = _shape(x, INPUT_RANKS, "input")[1]
         gs, gb = _constant(scale, "scale"), _constant(bias, "bias")
         epsilon = float(attr(normalised.producer(), "epsilon", DEFAULT_EPSILON))
         return _identity_affine(channels, channels, epsilon, gs.astype(np.float32).reshape(-1),
@@ -225,14 +234,15 @@ class InstanceNorm(NormSpelling):
 
 
 class GroupNorm(NormSpelling):
-    """GroupNormalization on NCHW: per-group scale and bias (opset 18), per-channel from opset 21."""
+    """GroupNormalization of ``[B, C, H, W]`` or ``[B, C, L]``: per-group scale and bias (opset 18),
+    per-channel from opset 21."""
 
     def normalise(self, op: Op, x: Value, scale: Value, bias: Value, epsilon: Value) -> Value:
         return op.GroupNormalization(x, scale, bias, _outputs=["normalised"])
 
     def core_parameters(self, model: ir.Model, *, x: ir.Value, normalised: ir.Value, scale: ir.Value,
                         bias: ir.Value, **_: Any) -> NormParameters:
-        channels = _shape(x, 4, "input")[1]
+        channels = _shape(x, INPUT_RANKS, "input")[1]
         sc, bi = _constant(scale, "scale"), _constant(bias, "bias")
         node = normalised.producer()
         groups = attr(node, "num_groups")

@@ -1,5 +1,8 @@
-"""Updated normalisation statistics (approx mode, ``norm_stats="updated"``): GroupNorm / InstanceNorm of an
-edited map with the statistics of the map the SPARSE graph computes, updated from the active tiles.
+"""Normalisation rules of approx mode beyond the frozen one on tiles (passes/sparse_rules.py): updated
+statistics on tiles, and frozen statistics on tokens.
+
+Updated statistics (``norm_stats="updated"``): GroupNorm / InstanceNorm of an edited map with the
+statistics of the map the SPARSE graph computes, updated from the active tiles.
 
 The FULL graph caches the original's per-(batch, group) mean ``m0`` and variance ``v0``
 (``stats::mean::<x>``, ``stats::var::<x>``, [B, G, 1], passes/stats_graph.py). Outside the active tiles
@@ -31,6 +34,12 @@ caches stay consistent for the next run.
 
 Falls back to frozen statistics, with the reason in the node report, when ``x`` is not a float32
 Sparse map on the output's resolution (e.g. a model input or a dense island's output read on tiles).
+
+Tokens (:func:`rule_token_norm`): diffusers' attention blocks normalise the token view ``[B, C, H*W]``
+of a map. On its active tokens (``vals [M, C]``) the normalisation is ``x * scale[b, c] + shift[b, c]``
+with the statistics frozen by FULL, the rows of ``scale`` and ``shift`` gathered by each token's batch
+item; ``y`` stays tokens, so the Q/K/V Linear layers and attention that follow run on the active
+tokens. Always frozen: ``norm_stats="updated"`` keeps frozen statistics there (the note says so).
 """
 
 from __future__ import annotations
@@ -41,11 +50,12 @@ import onnx_ir as ir
 from sigec.passes.global_rules import per_batch_sum, tile_change
 from sigec.passes.group_norm_match import NormMatch
 from sigec.passes.sparse_context import RewriteContext, Unsupported, dtype_of, shape_of
-from sigec.passes.sparse_forms import Sparse
+from sigec.passes.sparse_forms import Sparse, Tokens
 from sigec.passes.sparse_rules import apply_norm, rule_frozen_norm
 from sigec.passes.stats_graph import affine_of_moments
 
 NOTE = "normalisation with statistics updated from the active tiles"
+TOKEN_NOTE = "per token: normalisation with frozen statistics"
 
 
 def rule_updated_norm(ctx: RewriteContext, match: NormMatch) -> None:
@@ -110,3 +120,30 @@ def _updated_moments(ctx: RewriteContext, match: NormMatch, form: Sparse, mean0:
                        b.op("Mul", [mean_change, mean_change], hint="mean_change_sq")], hint="var_unclipped")
     var = b.op("Max", [var, b.const(np.array(0.0, np.float32), "c:zero_f")], hint=f"updated_var::{name}")
     return mean, var
+
+
+def rule_token_norm(ctx: RewriteContext, match: NormMatch, reason: str = "") -> None:
+    """Group/instance normalisation (approx mode) of tokens whose axis 1 holds the channels alone, batch
+    items on axis 0 (``[B, C, H*W]``): ``y = x * scale[b, c] + shift[b, c]`` per active token, statistics
+    frozen by FULL; ``y`` is tokens of ``x``'s layout. ``reason``: why updated statistics were not used,
+    for the report. Unsupported when ``x`` is not such tokens."""
+    x, y = match.x, match.y
+    src = ctx.forms.get(x)
+    if not isinstance(src, Tokens):
+        raise Unsupported(f"'{x.name}' is not tokens")
+    layout = src.layout
+    if layout.axes[0] != ("b",) or len(layout.axes[1]) != 1 or layout.features != layout.axes[1]:
+        raise Unsupported(f"tokens '{x.name}' hold {[list(a) for a in layout.axes]}, not [batch, channels, "
+                          f"positions] with the channels as their only feature")
+    scale, shift = ctx.caches.frozen_stats(match, ctx.batch, layout.size(layout.features[0]))  # [B, C]
+    b = ctx.graph
+    if ctx.batch > 1:  # one row per token (M, C); a single batch item's [1, C] broadcasts as it is
+        batch_of = ctx.grids.token_index(src.res).batch
+        scale = b.op("Gather", [scale, batch_of], hint=f"scale_per_token::{x.name}", axis=0)
+        shift = b.op("Gather", [shift, batch_of], hint=f"shift_per_token::{x.name}", axis=0)
+    vals = b.op("Add", [b.op("Mul", [src.vals, scale], hint="token_norm_mul"), shift], hint=f"vals::{y.name}")
+    ctx.set_tokens(y, vals, src.res, src.mask, layout)
+    note = TOKEN_NOTE + (f" ({reason})" if reason else "")
+    for node in match.nodes:
+        ctx.record.report(node, "approx", resolution=src.res.name, tile=src.res.tile, note=note)
+    ctx.record.approximate(match.nodes[0], f"normalisation of '{x.name}' uses statistics frozen from the original")

@@ -1,6 +1,8 @@
 """Graph nodes for normalisation statistics: the FULL graph's frozen per-channel scale and shift and
 per-group moments, and the scale and shift of given moments (shared with the SPARSE graph's updated
-statistics, passes/norm_stats.py)."""
+statistics, passes/norm_stats.py). The normalised ``x`` is a map ``[B, C, H, W]`` or a rank-3
+``[B, C, L]`` (an attention block's token view): channels on axis 1, a group's statistics over its
+channels times every other position."""
 
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ def _reduce_mean(b: GraphBuilder, x: ir.Value, axes: Sequence[int], opset: int, 
 
 def _group_moments(b: GraphBuilder, x: ir.Value, groups: int, batch: int, opset: int,
                    names: tuple[str | None, str | None] = (None, None)) -> tuple[ir.Value, ir.Value]:
-    """Per-group mean and variance of ``x`` [B, C, H, W] over its channels' pixels: [B, G, 1] each."""
+    """Per-group mean and variance of ``x`` [B, C, ...] (rank 3 or 4) over its channels' positions: [B, G, 1]
+    each."""
     xr = b.op("Reshape", [x, b.const(np.array([batch, groups, -1], np.int64), "c:group_shape")], hint="stats_grouped")
     mean = _reduce_mean(b, xr, [2], opset, "stats_mean", names[0])
     centered = b.op("Sub", [xr, mean], hint="stats_centered")

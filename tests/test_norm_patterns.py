@@ -1,8 +1,9 @@
 """Normalisation patterns (passes/norm_patterns.py, matched by passes/group_norm_match.py).
 
 Each spelling built with onnx.helper is matched and its parameters reproduce ONNX Runtime's output;
-near misses are not matched and say why; on the small zoo models the matches are those the former
-hand-walked matcher found (recorded below).
+near misses are not matched and say why; the GroupNorm of a rank-3 token view [B, C, L] (diffusers'
+attention blocks) is matched too; on the small zoo models the matches of maps are those the former
+hand-walked matcher found, plus those of the attention blocks' token views (recorded below).
 """
 
 from __future__ import annotations
@@ -180,21 +181,47 @@ def _reasons(model: ir.Model) -> str:
 ])
 def test_near_misses_are_not_matched_and_say_why(name, core, reason):
     model = _build(core(), affine(*GAMMA_BETA))
-    assert find_norms(model) == {}, name
+    # At most the InstanceNormalization of the grouped [1, G', L] tensor, a rank-3 normalisation by itself
+    assert all([n.op_type for n in m.nodes] == ["InstanceNormalization"] and m.x.name == "r"
+               for m in find_norms(model).values()), name
     assert reason in _reasons(model), name
 
 
-def test_group_norm_of_a_rank_3_tensor_is_not_matched():
-    """diffusers' attention blocks normalise [B, C, HW]: the statistics are not over an NCHW map."""
-    nodes, inits = _grouped()
-    nodes.append(helper.make_node("InstanceNormalization", ["r", "gs", "gb"], ["i"], epsilon=EPS))
-    back, back_inits = _back("i", [1, C, H * H])
-    tail, tail_inits = affine()
-    model = _model(nodes + back + tail, inits | back_inits | tail_inits | {"gs": np.ones(G, np.float32),
-                                                                           "gb": np.zeros(G, np.float32)},
-                   x_shape=[1, C, H * H])
+def _token_view_group_norm(gamma_shape: list[int]) -> ir.Model:
+    """diffusers' attention-block GroupNorm of the token view x [1, C, L]: Reshape [1, G, -1],
+    InstanceNormalization, Reshape back to [1, C, L], Mul gamma, Add beta (both ``gamma_shape``)."""
+    nodes, inits = reshape_instance_norm(back=[1, C, H * H])
+    tail, tail_inits = affine(("Mul", False, gamma_shape), ("Add", True, gamma_shape))
+    return _model(nodes + tail, inits | tail_inits, x_shape=[1, C, H * H])
+
+
+@pytest.mark.parametrize("gamma_shape", [[C, 1], [1, C, 1]])
+def test_group_norm_of_a_rank_3_tensor_is_matched(gamma_shape):
+    """diffusers' attention blocks normalise [B, C, HW]: channels on axis 1, statistics over a group of
+    channels times L; the affine constants are per channel as [C, 1] or [1, C, 1]."""
+    model = _token_view_group_norm(gamma_shape)
+    match = _single(model)
+    assert [n.op_type for n in match.nodes] == ["Reshape", "InstanceNormalization", "Reshape", "Mul", "Add"]
+    assert match.x is model.graph.inputs[0] and match.y is model.graph.outputs[0] and match.groups == G
+    x = RNG.standard_normal((1, C, H * H)).astype(np.float32)
+    assert np.abs(_apply(match, x[..., None])[..., 0] - _run(model, x)).max() < 1e-4
+
+
+def test_a_rank_3_tail_constant_along_the_positions_ends_the_match():
+    """A [C] constant broadcasts along L on [B, C, L], not per channel: the match stops before it."""
+    nodes, inits = reshape_instance_norm(back=[1, C, H * H])
+    tail, tail_inits = affine(("Mul", False, [H * H]))
+    model = _model(nodes + tail, inits | tail_inits, x_shape=[1, C, H * H])
+    match = _single(model)
+    assert [n.op_type for n in match.nodes] == ["Reshape", "InstanceNormalization", "Reshape"]
+    assert "gamma of shape (16,) is not per channel of 6" in _reasons(model)
+
+
+@pytest.mark.parametrize("x_shape", [[1, C], [1, C, H, H, 1]])
+def test_instance_norm_of_other_ranks_is_not_matched(x_shape):
+    model = _build(instance_norm(), affine(), x_shape=x_shape)
     assert find_norms(model) == {}
-    assert "input 'x' is not a static rank-4 tensor" in _reasons(model)
+    assert "is not a static rank-3 or 4 tensor" in _reasons(model)
 
 
 def test_a_tail_constant_that_is_not_per_channel_ends_the_match():
@@ -214,6 +241,7 @@ def test_an_intermediate_used_outside_is_not_matched():
 # The matches the former hand-walked matcher found on the small zoo models (torch.onnx dynamo
 # exporter): count, first node of each, (groups, epsilon) pairs, and a digest of every field
 # (node, x, y and internal value names, groups, epsilon, and the parameter arrays' float32 bytes).
+# That matcher saw maps [B, C, H, W] only: these are the matches of rank-4 inputs.
 ZOO_EXPECTED = {
     "ddpm_unet": (23, [19, 46, 72, 96, 121, 145, 263, 287, 402, 426, 449, 473, 588, 612, 728, 752, 775, 799, 823, 847,
                        870, 894, 917], {(8, "9.999999974752427e-07")}, "b198761036ebc8ef"),
@@ -223,6 +251,12 @@ ZOO_EXPECTED = {
     "resnet9": (23, list(range(23)), {(8, "9.999999747378752e-06"), (16, "9.999999747378752e-06"),
                                       (32, "9.999999747378752e-06")}, "fa7de62c79316406"),
     "tiny_local": (0, [], set(), "e3b0c44298fc1c14"),
+}
+# The GroupNorms of diffusers' attention blocks (the token view [B, C, H*W]), found since rank-3
+# inputs are matched: first node of each and the digest of those matches.
+ZOO_TOKEN_VIEW = {
+    "ddpm_unet": ([173, 315, 501, 640], "6c1f943856b96dd8"),
+    "sd_vae_decoder": ([58], "46bbf1648e13ae74"),
 }
 
 
@@ -250,9 +284,16 @@ def test_zoo_models_match_as_before(name):
     from sigec.frontends.torch_frontend import export_module
 
     module, example = build(name, small=True)
-    matches = find_norms(load_onnx(export_module(module, example)))
+    found = find_norms(load_onnx(export_module(module, example)))
+    matches = {k: m for k, m in found.items() if len(m.x.shape) == 4}
     count, first_nodes, groups_eps, digest = ZOO_EXPECTED[name]
     assert len(matches) == count
     assert [k.name for k in matches] == [_first_node_name(name, i) for i in first_nodes]
     assert {(m.groups, repr(m.epsilon)) for m in matches.values()} == groups_eps
     assert zoo_digest(matches) == digest
+    token_view = {k: m for k, m in found.items() if k not in matches}
+    first_token_nodes, token_digest = ZOO_TOKEN_VIEW.get(name, ([], "e3b0c44298fc1c14"))
+    assert [k.name for k in token_view] == [_first_node_name(name, i) for i in first_token_nodes]
+    assert all(m.x.shape[1] == m.gamma.shape[0] and [n.op_type for n in m.nodes][-2:] == ["Mul", "Add"]
+               for m in token_view.values())
+    assert zoo_digest(token_view) == token_digest
