@@ -7,7 +7,9 @@ Members (all ZIP_STORED, so the weights can be memory-mapped):
 - ``graphs/full.onnx``, ``graphs/sparse.onnx``, ``graphs/dense.onnx``: serialized
   ``onnx.ModelProto`` without initializers (the weights are stored once, in weights.bin).
 - ``weights.bin``: every weight array, little-endian, C order, each at a 64-byte aligned offset
-  (the writer also aligns the member's data in the file).
+  (the writer also aligns the member's data in the file). Weights that are views of the same bytes
+  (a convolution's weights and their reshape as a GEMM matrix) share one span: their index entries
+  have the same offset, nbytes and dtype; any other overlap is rejected.
 - ``blobs/<name>``: backend data, e.g. ``blobs/tensorrt/sparse_fp16.plan``.
 
 Reading never executes code from the file: it parses JSON, protobuf and raw array bytes only.
@@ -191,26 +193,33 @@ def _blobs_to_store(target: pathlib.Path, blobs: Mapping[str, bytes]) -> dict[st
     return stored
 
 
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.flags.c_contiguous and b.flags.c_contiguous:
+        return True
+    return bool(np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)))
+
+
 def _weights_index(weights: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Offsets into weights.bin; arrays of the same bytes (a weight and its reshaped view) share one span."""
     index, cursor = [], 0
+    stored: dict[tuple[int, str], list[tuple[np.ndarray, int]]] = {}  # (nbytes, dtype) -> (array, offset)
     for name, array in weights.items():
-        offset = _align(cursor, WEIGHT_ALIGNMENT)
-        index.append(
-            {
-                "name": name,
-                "dtype": array.dtype.name,
-                "shape": list(array.shape),
-                "offset": offset,
-                "nbytes": array.nbytes,
-            }
-        )
-        cursor = offset + array.nbytes
+        candidates = stored.setdefault((array.nbytes, array.dtype.name), [])
+        shared = next((offset for other, offset in candidates if array.nbytes and _same_bytes(array, other)), None)
+        offset = shared if shared is not None else _align(cursor, WEIGHT_ALIGNMENT)
+        index.append({"name": name, "dtype": array.dtype.name, "shape": list(array.shape), "offset": offset,
+                      "nbytes": array.nbytes})
+        if shared is None:
+            candidates.append((array, offset))
+            cursor = offset + array.nbytes
     return index
 
 
 def _weights_chunks(weights: Mapping[str, np.ndarray], index: list[dict[str, Any]]) -> Iterator[memoryview]:
     cursor = 0
     for entry in index:
+        if entry["offset"] < cursor:  # a view of bytes already written
+            continue
         if entry["offset"] > cursor:
             yield memoryview(bytes(entry["offset"] - cursor))
         yield memoryview(weights[entry["name"]].reshape(-1).view(np.uint8))
@@ -226,7 +235,7 @@ def _write_archive(
     blobs: Mapping[str, bytes],
 ) -> None:
     index = _weights_index(weights)
-    weights_size = index[-1]["offset"] + index[-1]["nbytes"] if index else 0
+    weights_size = max((e["offset"] + e["nbytes"] for e in index), default=0)
     members: dict[str, dict[str, Any]] = {}
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
         for name in GRAPH_NAMES:
@@ -544,10 +553,11 @@ def _check_weights_index(source: pathlib.Path, index: list[dict[str, Any]], weig
                 f"of {WEIGHTS_MEMBER} ({weights_size} bytes)"
             )
         if entry["nbytes"]:
-            spans.append((entry["offset"], entry["offset"] + entry["nbytes"], entry["name"]))
+            spans.append((entry["offset"], entry["offset"] + entry["nbytes"], entry["dtype"], entry["name"]))
     spans.sort()
-    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
-        if start < end:
+    for (start0, end0, dtype0, first), (start, end, dtype, second) in zip(spans, spans[1:]):
+        same_bytes = (start0, end0, dtype0) == (start, end, dtype)  # views of one array
+        if start < end0 and not same_bytes:
             raise _read_error(source, f"{MANIFEST_MEMBER} field 'weights': weights {first!r} and {second!r} overlap")
 
 
