@@ -18,6 +18,11 @@ Run by :func:`sigec.passes.sparse_rewrite.rewrite` after the other passes:
 
 Tile updates (``run(update_cache=True)``) stay float32 SPARSE outputs; the engine casts them to the
 cache's dtype when it writes them (runtime/cache_store.py, ``cast_tiles``).
+
+:func:`recast_caches` changes the choice of a compiled engine (``sigec.load(..., cache_dtype=...)``):
+it undoes the half caches (:class:`UncastFullCachesPass`, SPARSE inputs back to float32, the manifest
+entries as they were) and applies steps 1-4 for the new dtype, so an engine loaded with a dtype has
+the graphs and manifest that compiling with it gives.
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import onnx_ir as ir
 
-from sigec.core.errors import CompileError
+from sigec.core.errors import CompileError, EngineFileError
 from sigec.core.ops import DOMAIN
 from sigec.core.options import CACHE_DTYPES
 from sigec.passes.graph_builder import GraphBuilder
 from sigec.passes.sparse_context import CacheSpec
 
 HALF_DTYPES: dict[str, ir.DataType] = {"float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
+IR_DTYPES: dict[str, ir.DataType] = {"float32": ir.DataType.FLOAT, **HALF_DTYPES}
 TILE_OPS = ("TileGather", "TileScatter")
 
 
@@ -110,7 +116,8 @@ def choose_half_caches(sparse: ir.Graph, caches: Sequence[CacheSpec], cache_dtyp
 
 
 class HalfCacheInputsPass(ir.passes.InPlacePass):
-    """Retype the SPARSE graph inputs of the chosen caches to the half dtype.
+    """Retype the SPARSE graph inputs of the chosen caches to ``choice.dtype`` (a half dtype; float32
+    when :func:`recast_caches` undoes them).
 
     Nothing else in SPARSE changes: the tile operators reading them keep float32 outputs.
     """
@@ -123,7 +130,7 @@ class HalfCacheInputsPass(ir.passes.InPlacePass):
         modified = False
         for value in model.graph.inputs:
             if value.name in self.choice.chosen:
-                value.dtype = HALF_DTYPES[self.choice.dtype]
+                value.dtype = IR_DTYPES[self.choice.dtype]
                 modified = True
         return ir.passes.PassResult(model, modified)
 
@@ -177,3 +184,83 @@ def half_cache_manifest(manifest: Mapping[str, Any], choice: HalfCaches) -> dict
             entry = {**entry, "dtype": choice.dtype, "source": choice.full_outputs[name], "origin": entry["source"]}
         caches.append(entry)
     return {**manifest, "caches": caches}
+
+
+class UncastFullCachesPass(ir.passes.InPlacePass):
+    """Undo CastFullCachesPass: FULL outputs the model tensors of the half caches in float32 again.
+
+    ``casts``: the Cast outputs to undo (the manifest's ``source`` of each half cache).
+    Rules:
+    1. A Cast output among FULL's outputs is replaced by the Cast's input in place, unless that input
+       is a graph input or output already (CastFullCachesPass had appended the Cast output): then it
+       is removed.
+    2. The Cast node is removed when nothing else reads its output.
+    An output that is no ``Cast`` of FULL is an EngineFileError (the manifest does not describe the graph).
+    """
+
+    def __init__(self, casts: Iterable[str]) -> None:
+        super().__init__()
+        self.casts = frozenset(casts)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        nodes = {node.outputs[0].name: node for node in graph if node.op_type == "Cast" and not node.domain}
+        missing = sorted(self.casts - set(nodes))
+        if missing:
+            raise EngineFileError(f"the FULL graph has no Cast producing the half caches {missing}")
+        for name in self.casts:
+            node = nodes[name]
+            cast, source = node.outputs[0], node.inputs[0]
+            assert source is not None
+            position = next((i for i, v in enumerate(graph.outputs) if v is cast), None)
+            if position is not None:
+                if source.is_graph_input() or source.is_graph_output():
+                    del graph.outputs[position]
+                else:
+                    graph.outputs[position] = source
+            if not cast.uses() and not cast.is_graph_output():
+                graph.remove(node, safe=True)
+        return ir.passes.PassResult(model, bool(self.casts))
+
+
+def float32_cache_manifest(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest with its half caches described as float32 caches of their model tensors (the
+    inverse of :func:`half_cache_manifest`)."""
+    caches = []
+    for entry in manifest["caches"]:
+        if "origin" in entry:
+            entry = {**{k: v for k, v in entry.items() if k != "origin"}, "dtype": "float32", "source": entry["origin"]}
+        caches.append(entry)
+    return {**manifest, "caches": caches}
+
+
+def store_caches(full: ir.Model, sparse: ir.Model, manifest: Mapping[str, Any], caches: Sequence[CacheSpec],
+                 cache_dtype: str, model_outputs: Iterable[str]) -> dict[str, Any]:
+    """Steps 1-4 on graphs whose caches are all float32 (``full`` and ``sparse`` changed in place):
+    return the manifest, ``options.cache_dtype`` included."""
+    half = choose_half_caches(sparse.graph, caches, cache_dtype)
+    if half.chosen:
+        HalfCacheInputsPass(half)(sparse)
+        CastFullCachesPass(half, model_outputs)(full)
+        manifest = half_cache_manifest(manifest, half)
+    return {**manifest, "options": {**manifest.get("options", {}), "cache_dtype": cache_dtype}}
+
+
+def recast_caches(full: ir.Model, sparse: ir.Model, manifest: Mapping[str, Any], cache_dtype: str) -> dict[str, Any]:
+    """A compiled engine's FULL and SPARSE graphs (changed in place) and manifest (returned) with the
+    caches stored as compiling with ``cache_dtype`` stores them.
+
+    Its half caches (manifest entries with an ``origin``) become float32 again (FULL outputs their
+    model tensors, SPARSE reads float32), then :func:`store_caches` chooses for ``cache_dtype``. Exact:
+    the graphs run the same operators as the compiler's, so outputs equal those of an engine compiled
+    with ``cache_dtype``.
+    """
+    check_cache_dtype(cache_dtype)
+    half = {c["name"]: c for c in manifest["caches"] if "origin" in c}
+    if half:
+        UncastFullCachesPass(c["source"] for c in half.values())(full)
+        HalfCacheInputsPass(HalfCaches("float32", chosen={n: c["origin"] for n, c in half.items()}))(sparse)
+        manifest = float32_cache_manifest(manifest)
+    specs = [CacheSpec(c["name"], c["source"], list(c["shape"]), c["dtype"], c["kind"], c.get("resolution"))
+             for c in manifest["caches"]]
+    return store_caches(full, sparse, manifest, specs, cache_dtype, [o["name"] for o in manifest["outputs"]])

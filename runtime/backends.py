@@ -32,6 +32,13 @@ class GraphRunner(Protocol):
 
 
 SMALL_WEIGHT_BYTES = 4096
+# graph -> ONNX Runtime's CPU memory arena on. FULL runs without: its outputs are the caches, which
+# the engine keeps (session.run's arrays wrap ONNX Runtime's buffers), so with the arena every primed
+# key pins arena chunks and the arena extends by whole regions on the next prime: the church UNet
+# held 1.2 GiB beyond 4 keys' 1.4 GiB of caches, and evicted keys never returned memory to the
+# system. Without it each cache is its own allocation, freed with the key. SPARSE and DENSE keep
+# theirs (buffers reused run after run). BENCHMARKS.md, "ONNX Runtime arena and primes".
+ARENAS = {"full": False, "sparse": True, "dense": True}
 OPTIMIZED_SUFFIX = "_optimized.onnx"  # written next to a profile: the graph after ONNX Runtime's optimisations
 
 
@@ -57,12 +64,12 @@ def _declare_external_weights(model: onnx.ModelProto, weights: Mapping[str, np.n
     return names
 
 
-def session_options(threads: int | None, *, spinning: bool = False) -> Any:
+def session_options(threads: int | None, *, spinning: bool = False, arena: bool = True) -> Any:
     """ONNX Runtime options of every sigec session (and of the benchmarks' dense baselines): all graph
     optimisations, ``threads`` intra-op threads (None: ONNX Runtime's choice) and one inter-op thread,
     intra-op spin-waiting off by default: an engine holds three sessions (a service often several
     engines), and idle workers spinning after a run steal cores from the next session's run
-    (BENCHMARKS.md, "Thread spinning")."""
+    (BENCHMARKS.md, "Thread spinning"); ``arena``: ONNX Runtime's CPU memory arena (``ARENAS``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -71,6 +78,7 @@ def session_options(threads: int | None, *, spinning: bool = False) -> Any:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.enable_cpu_mem_arena = arena
     return options
 
 
@@ -78,14 +86,15 @@ class OrtRunner:
     """An ONNX Runtime session with sigec's custom operators registered."""
 
     def __init__(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray], *, threads: int | None,
-                 weight_values: dict[str, object], profile_prefix: str | None = None) -> None:
+                 weight_values: dict[str, object], profile_prefix: str | None = None, arena: bool = True) -> None:
         import onnxruntime as ort
 
         from sigec.runtime import ort_ops
 
         model = onnx.ModelProto.FromString(model.SerializeToString())
         names = _declare_external_weights(model, weights)
-        options = session_options(threads)
+        options = session_options(threads, arena=arena)
+        self.run_options: Any = None  # onnxruntime.RunOptions of every run (None: the defaults)
         if profile_prefix:
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix
@@ -115,9 +124,9 @@ class OrtRunner:
         feeds = {k: v for k, v in feeds.items() if k in self._input_set}
         if self._bfloat16_outputs.isdisjoint(output_names) and \
                 not any(getattr(v, "dtype", None) == BFLOAT16 for v in feeds.values()):
-            return self.session.run(list(output_names), feeds)
+            return self.session.run(list(output_names), feeds, self.run_options)
         values = {k: ort_value(np.ascontiguousarray(v)) for k, v in feeds.items()}
-        return [to_numpy(v) for v in self.session.run_with_ort_values(list(output_names), values)]
+        return [to_numpy(v) for v in self.session.run_with_ort_values(list(output_names), values, self.run_options)]
 
     def bind_caches(self, caches: Mapping[str, np.ndarray]) -> CacheBindings:
         """Bindings of this session with ``caches`` bound once (runtime/ort_binding.py); their ``run``
@@ -169,8 +178,10 @@ class TorchRunner:
 def make_runners(backend: str, graphs: Mapping[str, onnx.ModelProto], weights: Mapping[str, np.ndarray], *,
                  threads: int | None = None, device: str = "cpu",
                  profile: Mapping[str, str] | None = None, manifest: Mapping[str, object] | None = None,
-                 blobs: Mapping[str, bytes] | None = None, precision: str | None = None) -> dict[str, GraphRunner]:
-    """One runner per graph name, sharing one copy of the weights (``profile``: graph -> ORT profile prefix).
+                 blobs: Mapping[str, bytes] | None = None, precision: str | None = None,
+                 arenas: Mapping[str, bool] | None = None) -> dict[str, GraphRunner]:
+    """One runner per graph name, sharing one copy of the weights (``profile``: graph -> ORT profile prefix;
+    ``arenas``: graph -> ONNX Runtime memory arena on, overriding ``ARENAS``).
 
     ``tensorrt`` runs the engine file's plans (``manifest`` and ``blobs`` of the engine file; ``precision``
     picks fp32 or fp16 plans) instead of the graphs.
@@ -181,8 +192,10 @@ def make_runners(backend: str, graphs: Mapping[str, onnx.ModelProto], weights: M
         return make_tensorrt_runners(manifest or {}, blobs or {}, list(graphs), precision=precision, device=device)
     if backend == "ort":
         shared: dict[str, object] = {}
+        arenas = {**ARENAS, **(arenas or {})}
         return {name: OrtRunner(g, weights, threads=threads, weight_values=shared,
-                                profile_prefix=(profile or {}).get(name)) for name, g in graphs.items()}
+                                profile_prefix=(profile or {}).get(name), arena=arenas.get(name, True))
+                for name, g in graphs.items()}
     if backend == "torch":
         return {name: TorchRunner(g, weights, device=device, threads=threads) for name, g in graphs.items()}
     raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

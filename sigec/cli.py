@@ -252,7 +252,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     original = {spatial[0]: load_array(args.original), **others}
     edited = {spatial[0]: load_array(args.edited), **others}
     mask = load_array(args.mask, as_mask=True) if args.mask else None
-    engine = sigec.load(args.engine, backend=args.backend, threads=args.threads)
+    engine = sigec.load(args.engine, backend=args.backend, threads=args.threads, cache_dtype=args.cache_dtype)
     engine.prime(original)
     outputs = engine.run(edited, mask=mask, threshold=args.threshold, dilation=args.dilation)
     stats = engine.stats
@@ -379,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run with this backend instead of the one the engine was compiled for")
     r.add_argument("--threads", type=_positive_int, default=None,
                    help="intra-op threads (default: the backend's own choice)")
+    r.add_argument("--cache-dtype", choices=CACHE_DTYPES, default=None,
+                   help="store the caches in this dtype instead of the engine's (float16/bfloat16: half the memory, "
+                        "approximate; float32 with the TensorRT backend)")
     r.set_defaults(func=cmd_run)
 
     t = _subcommand(sub, "build-trt", "add TensorRT plans to an engine file (on the GPU that will run them)")

@@ -3,6 +3,9 @@ dtype rule (docs/ops.md, "Dtypes") in the ONNX Runtime kernels, the reference an
 engine (prime stores half caches, updates cast float32 tiles explicitly, the manifest says so).
 Caches of model outputs stay float32 (outside the edit a run returns them as primed).
 
+``sigec.load(..., cache_dtype=...)`` changes a compiled engine's choice: its graphs and manifest
+become those of compiling with that dtype (half_caches.recast_caches).
+
 Tolerances. The operators convert half values exactly, so a kernel reading a half ``base`` must equal
 the reference run on that base widened to float32 (1e-6, as the float32 kernels; bit-exact without a
 prologue). An engine with float16 caches differs from the original model by the rounding of every
@@ -32,9 +35,10 @@ from helpers import (ALWAYS_SPARSE, ROOT, always_sparse, compare_with_oracle, co
                      ort_oracle, rel_err, sparse_input)
 from sigec.core import reference_ops
 from sigec.core.engine_file import read_manifest
-from sigec.core.errors import CacheError, CompileError, EngineFileError
+from sigec.core.errors import BackendError, CacheError, CompileError, EngineFileError, InputError
 from sigec.core.manifest_schema import validate_manifest
 from sigec.core.names import CACHE_PREFIX
+from sigec.core.options import CACHE_DTYPES
 from sigec.core.ops import DOMAIN
 from sigec.passes.half_caches import choose_half_caches
 from sigec.passes.sparse_context import CacheSpec
@@ -564,3 +568,89 @@ def test_defaults_by_mode_and_tensorrt_refuses_half_caches(zoo_model, tmp_path):
     path = sigec.compile(model.proto, tmp_path / "approx.sigec", mode="approx")
     with pytest.raises(CompileError, match="cache_dtype='float32'"):
         tensorrt_build.build_plans(read_engine(path), builder=object())  # refused before the builder is used
+
+
+# ---------------------------------------------------------------------------------------------- load-time override
+
+
+LOADED_TOLERANCE = 1e-6  # loaded with a dtype vs compiled with it: the same operators on the same values
+
+
+@pytest.fixture(scope="module")
+def unet_engines(unet, tmp_path_factory) -> dict[str, str]:
+    """The small DDPM UNet compiled in approx mode with each cache dtype: dtype -> engine file."""
+    folder = tmp_path_factory.mktemp("cache_dtypes")
+    return {d: sigec.compile(unet.proto, folder / f"{d}.sigec", mode="approx", cache_dtype=d, progress=False)
+            for d in CACHE_DTYPES}
+
+
+def _full_and_sparse_types(engine) -> tuple[dict[str, str], dict[str, str]]:
+    outputs = {o.name: o.type for o in engine._runners["full"].session.get_outputs()}
+    return outputs, {i.name: i.type for i in engine._runners["sparse"].session.get_inputs()}
+
+
+@pytest.mark.parametrize("compiled,loaded", [("float32", "float16"), ("float16", "float32"), ("float16", "bfloat16")])
+def test_load_with_a_cache_dtype_gives_the_engine_compiled_with_it(unet, unet_engines, compiled, loaded):
+    """The loaded engine has the manifest, graph signatures, cache arrays and outputs (within
+    LOADED_TOLERANCE, relative) of the engine compiled with ``loaded``."""
+    path = unet_engines[compiled]
+    engine = always_sparse(sigec.load(path, threads=1, cache_dtype=loaded))
+    reference = always_sparse(sigec.load(unet_engines[loaded], threads=1))
+    assert read_manifest(path)["options"]["cache_dtype"] == compiled  # the file is not changed
+    assert engine.manifest["options"] == reference.manifest["options"]
+    assert engine.manifest["caches"] == reference.manifest["caches"]
+    assert _full_and_sparse_types(engine) == _full_and_sparse_types(reference)
+    edited, mask = _edit(engine, unet.inputs)
+    results = []
+    for e in (engine, reference):
+        primed = e.prime(unet.inputs)
+        results.append((primed, e.run(edited, mask=mask), e._store.entry("default").tensors))
+        assert e.stats.path == "sparse"
+    (primed, out, caches), (ref_primed, ref_out, ref_caches) = results
+    assert {k: v.dtype for k, v in caches.items()} == {k: v.dtype for k, v in ref_caches.items()}
+    assert engine.cache_bytes() == reference.cache_bytes()
+    assert max(rel_err(a, b) for a, b in zip(primed + out, ref_primed + ref_out)) <= LOADED_TOLERANCE
+    for name, array in caches.items():
+        want = ref_caches[name].astype(np.float32)
+        assert rel_err(array.astype(np.float32), want) <= LOADED_TOLERANCE, name
+
+
+@pytest.mark.parametrize("dtype", list(HALF))
+def test_exact_engine_loaded_with_half_caches_against_onnx_runtime(zoo_model, tmp_path, dtype):
+    """An exact engine compiled with float32 caches and loaded with half ones stores half arrays (half
+    the bytes of every such cache) and its sparse run stays within HALF_EXACT_TOLERANCE (bfloat16: 4x)
+    of ONNX Runtime on the original model, far closer than not recomputing."""
+    model = zoo_model("tiny_local")
+    path = sigec.compile(model.proto, tmp_path / "exact.sigec", mode="exact", progress=False)
+    assert read_manifest(path)["options"]["cache_dtype"] == "float32"
+    engine = always_sparse(sigec.load(path, threads=1, cache_dtype=dtype))
+    reference = always_sparse(sigec.load(path, threads=1))
+    assert engine.manifest["options"]["cache_dtype"] == dtype
+    assert _dtypes(engine.manifest) == ({"float32"}, {dtype})
+    edited, mask = _edit(engine, model.inputs)
+    c = compare_with_oracle(engine, ort_oracle(model.proto), model.inputs, edited, mask)
+    tolerance = HALF_EXACT_TOLERANCE * (1 if dtype == "float16" else 4)
+    assert c.path == "sparse" and c.sparse <= tolerance and c.stale > 10 * tolerance, c
+    reference.prime(model.inputs)
+    tensors = engine._store.entry("default").tensors
+    half = [c for c in engine.manifest["caches"] if c["dtype"] == dtype]
+    assert half and all(tensors[c["name"]].dtype == HALF[dtype][0] for c in half)
+    saved = sum(int(np.prod(c["shape"])) * 2 for c in half)
+    assert engine.cache_bytes() == reference.cache_bytes() - saved
+
+
+def test_load_cache_dtype_errors(zoo_model, tmp_path):
+    model = zoo_model("tiny_local")
+    path = sigec.compile(model.proto, tmp_path / "e.sigec", mode="exact", progress=False)
+    with pytest.raises(InputError, match="cache_dtype must be one of float32, float16, bfloat16"):
+        sigec.load(path, cache_dtype="half")
+    with pytest.raises(BackendError, match="TensorRT backend reads float32 caches only"):
+        sigec.load(path, backend="tensorrt", cache_dtype="float16")
+    assert sigec.load(path, cache_dtype="float32").manifest == sigec.load(path).manifest  # as compiled: unchanged
+    from sigec.cli import build_parser
+
+    args = build_parser().parse_args(["run", "e.sigec", "--original", "a.npy", "--edited", "b.npy",
+                                      "--cache-dtype", "float16"])
+    assert args.cache_dtype == "float16"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "e.sigec", "--original", "a.npy", "--edited", "b.npy", "--cache-dtype", "x"])
