@@ -19,7 +19,8 @@ Runtime's profiler on, and the dense graph:
 - profiled twin, same inputs: wall time, sum of kernel times and ``model_run`` time per run;
   overhead (wall - kernel sum) and its split (outside ONNX Runtime: wall - model_run; ONNX
   Runtime between kernels: model_run - kernel sum) are medians of per-run differences, so both
-  terms of a difference come from the same run; the profiler's own cost per node is included;
+  terms of a difference come from the same run; the profiler's own cost per node is included (so
+  the per-run ratio profiled wall / kernel sum bounds the unprofiled one from above);
 - dense: wall time of ``engine.run_dense(edited)`` and its kernel sum.
 
 Prints markdown tables of medians of ``--runs`` runs; dense / sparse wall is the speedup, MAC
