@@ -19,8 +19,8 @@ Runtime's profiler on, and the dense graph:
 - profiled twin, same inputs: wall time, sum of kernel times and ``model_run`` time per run;
   overhead (wall - kernel sum) and its split (outside ONNX Runtime: wall - model_run; ONNX
   Runtime between kernels: model_run - kernel sum) are medians of per-run differences, so both
-  terms of a difference come from the same run; the profiler's own cost per node is included (so
-  the per-run ratio profiled wall / kernel sum bounds the unprofiled one from above);
+  terms of a difference come from the same run; the profiler's own cost per node is included (in
+  the overhead and in the per-run ratio profiled wall / kernel sum);
 - dense: wall time of ``engine.run_dense(edited)`` and its kernel sum.
 
 Prints markdown tables of medians of ``--runs`` runs; dense / sparse wall is the speedup, MAC
@@ -247,8 +247,7 @@ def report(model: str, result: dict[str, Any], edits: list[float], variants: lis
              "", "Medians; *overhead* = wall - kernel sum and its split are medians of per-run differences on the "
              "profiled engine (*outside ORT* = wall - model_run: Python and the feed / binding calls; *ORT between "
              "kernels* = model_run - kernel sum). *profiled wall / kernel sum*: the median per-run ratio on the "
-             "profiled engine, an upper bound of the unprofiled ratio (the profiler's own cost per node counts as "
-             "overhead).", "",
+             "profiled engine (the profiler's own cost per node included).", "",
              "| edit | path | variant | wall ms | kernel sum ms | overhead ms | outside ORT ms | ORT between kernels ms "
              "| profiled wall ms | profiled wall / kernel sum | dense wall ms | dense kernel ms | dense / sparse wall "
              "| MAC reduction |",
