@@ -132,9 +132,10 @@ def _sliding_window(ctx: RewriteContext, node: ir.Node, kernel: list[int], strid
 # when ONNX Runtime loops its Conv over the tiles (batch items); one GEMM over the patches of all
 # tiles reads them once. Measured on this machine's 32 MiB L3 (2 threads, 3x3, 2-px tiles, 8-128
 # tiles): 1280 channels (59 MiB of weights) 1.3-1.75x faster as a GEMM, 640 channels (15 MiB)
-# 0.85x; 4-px tiles at 1280 channels 1.12x (BENCHMARKS.md, "Wide convolutions as one GEMM").
+# 0.85x; 4-px tiles at 1280 channels 1.12x, but the fused GauGAN's 1024-channel convs on 4-px tiles
+# ran 5% slower as GEMMs end to end (BENCHMARKS.md, "Wide convolutions as one GEMM"): 2-px tiles only.
 GEMM_CONV_MIN_WEIGHT_BYTES = 32 * 2**20
-GEMM_CONV_MAX_TILE = 4
+GEMM_CONV_MAX_TILE = 2
 
 
 def _conv_as_gemm(ctx: RewriteContext, node: ir.Node, tile: int, strides: list[int], dilations: list[int],

@@ -45,6 +45,7 @@ def _proto() -> onnx.ModelProto:
 @pytest.mark.parametrize("tile_size", [2, 4])
 def test_convs_as_gemm_equal_onnxruntime(monkeypatch, backend, tile_size):
     monkeypatch.setattr(sparse_rules, "GEMM_CONV_MIN_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(sparse_rules, "GEMM_CONV_MAX_TILE", tile_size)
     proto = _proto()
     engine = always_sparse(engine_from_proto(proto, mode="exact", tile_size=tile_size, backend=backend))
     sparse_ops = _sparse_ops(proto, tile_size)
@@ -61,6 +62,12 @@ def test_convs_as_gemm_equal_onnxruntime(monkeypatch, backend, tile_size):
 
 def test_narrow_convs_keep_the_conv_form():
     sparse_ops = _sparse_ops(_proto(), 2)
+    assert sparse_ops.count("Conv") == 4 and "Gemm" not in sparse_ops
+
+
+def test_wide_convs_on_4px_tiles_keep_the_conv_form(monkeypatch):
+    monkeypatch.setattr(sparse_rules, "GEMM_CONV_MIN_WEIGHT_BYTES", 0)
+    sparse_ops = _sparse_ops(_proto(), 4)
     assert sparse_ops.count("Conv") == 4 and "Gemm" not in sparse_ops
 
 
