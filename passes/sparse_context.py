@@ -494,7 +494,8 @@ class RewriteContext:
                 cache = self.caches.cache(form.source, resolution=form.res.name)
                 index = self.grids.token_index(form.res)
                 full = None
-                if form.res.name in self.grids.shared_batch:
+                # one batch item, or items sharing one tile set: scatter in the cache's own layout
+                if form.res.name in self.grids.shared_batch or self.grids.batch == 1:
                     full = scatter_items(self.graph, cache, form.vals, form.layout, index, f"full::{name}")
                 self._token_dense[form.source] = full if full is not None else scatter_tokens(
                     self.graph, cache, form.vals, form.layout, index, f"full::{name}")
