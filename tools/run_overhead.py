@@ -108,7 +108,7 @@ class Samples:
 def build_engine(contents: Any, threads: int, variant: str, profile: Mapping[str, str] | None = None) -> Engine:
     """An engine on ONNX Runtime with timed SPARSE and DENSE sessions."""
     graphs = {k: onnx.ModelProto.FromString(v) for k, v in contents.graphs.items()}
-    runners = make_runners("ort", graphs, contents.weights, threads=threads, profile=profile)
+    runners = make_runners("ort", graphs, contents.weights, threads=threads, profile=profile, lazy=())
     for name in ("sparse", "dense"):
         runners[name].session = TimedSession(runners[name].session)
     options: dict[str, Any] = {}
