@@ -420,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=1, help="intra-op threads per replica (default 1)")
     s.add_argument("--max-cache-mib", type=float, default=None,
                    help="bound on each replica's caches; least recently used sessions expire (default: none)")
+    s.add_argument("--cache-dtype", choices=CACHE_DTYPES, default=None,
+                   help="precision of the replicas' caches (default: the engine's, see `sigec run --cache-dtype`)")
     s.add_argument("--address", default=None, help="join this Ray cluster (default: start a local Ray instance)")
     s.set_defaults(func=cmd_serve)
     return parser

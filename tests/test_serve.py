@@ -33,6 +33,7 @@ from sigec.apps.serve.app import APP_NAME, build_app  # noqa: E402
 
 REPLICAS = 2
 ENTRIES_PER_REPLICA = 3.5  # the cache bound of each replica, in primed sessions of this engine
+CACHE_DTYPE = "float32"  # the replicas load the (float16-cache) engine with float32 caches: `sigec serve --cache-dtype`
 
 
 
@@ -48,13 +49,13 @@ def spade(tmp_path_factory):
 def server(spade):
     """A client of the application deployed on a local Ray instance (2 CPUs, no dashboard)."""
     path, _ = spade
-    entry_bytes = sigec.load(path).expected_entry_bytes()
+    entry_bytes = sigec.load(path, cache_dtype=CACHE_DTYPE).expected_entry_bytes()
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(str(path), replicas=REPLICAS, threads=1,
-                            max_cache_bytes=int(ENTRIES_PER_REPLICA * entry_bytes)), name=APP_NAME, route_prefix="/")
+        serve.run(build_app(str(path), replicas=REPLICAS, threads=1, max_cache_bytes=int(ENTRIES_PER_REPLICA * entry_bytes),
+                            cache_dtype=CACHE_DTYPE), name=APP_NAME, route_prefix="/")
         with Client(f"http://127.0.0.1:{port}") as client:
             client.wait_ready(timeout=120)
             yield client
@@ -75,7 +76,7 @@ def box_mask(box: tuple[int, int, int, int], shape: tuple[int, int] = (64, 128))
 
 def test_results_equal_a_local_engine_bit_for_bit(server, spade):
     path, labels = spade
-    local = sigec.load(path, threads=1)
+    local = sigec.load(path, threads=1, cache_dtype=CACHE_DTYPE)
     original = {"label": labels.numpy()}
     first, second = (20, 40, 30, 56), (8, 90, 16, 104)
     session = server.open()
@@ -83,6 +84,9 @@ def test_results_equal_a_local_engine_bit_for_bit(server, spade):
     np.testing.assert_array_equal(server.prime(session, original), local.prime(original))
     assert server.last.path == "full" and server.last.replica
     edited = {"label": edit(labels, first, 23)}
+    compiled = sigec.load(path, threads=1)  # the engine's own (float16) caches give other bits
+    compiled.prime(original)
+    assert not np.array_equal(compiled.run(edited, mask=box_mask(first)), local.run(edited, mask=box_mask(first)))
     for mask in (box_mask(first), None):  # a given mask, and the mask found from the difference
         np.testing.assert_array_equal(server.run(session, edited, mask=mask), local.run(edited, mask=mask))
         assert server.last.path == local.stats.path == "sparse"
@@ -148,7 +152,7 @@ def test_every_request_of_a_session_reaches_the_replica_that_primed_it(server, s
 
 def test_least_recently_used_sessions_expire_and_others_are_unaffected(server, spade):
     path, labels = spade
-    local = sigec.load(path, threads=1)
+    local = sigec.load(path, threads=1, cache_dtype=CACHE_DTYPE)
     original = {"label": labels.numpy()}
     box = (24, 48, 36, 64)
     edited = {"label": edit(labels, box, 5)}

@@ -112,8 +112,10 @@ def engine_input_bytes(manifest: dict[str, Any]) -> int:
 class EngineReplica:
     """Holds one loaded engine and the sessions this replica opened."""
 
-    def __init__(self, engine_path: str, threads: int | None, max_cache_bytes: int | None) -> None:
-        self._engine = sigec.load(engine_path, threads=threads, max_cache_bytes=max_cache_bytes)
+    def __init__(self, engine_path: str, threads: int | None, max_cache_bytes: int | None,
+                 cache_dtype: str | None = None) -> None:
+        self._engine = sigec.load(engine_path, threads=threads, max_cache_bytes=max_cache_bytes,
+                                  cache_dtype=cache_dtype)
         self._max_cache_bytes = max_cache_bytes
         self._max_body = engine_input_bytes(self._engine.manifest)
         self._sessions: dict[str, Session] = {}
@@ -382,14 +384,17 @@ class Ingress:
 
 
 def build_app(engine_path: str, *, replicas: int = 1, threads: int | None = 1,
-              max_cache_bytes: int | None = None, replica_cpus: float | None = None) -> serve.Application:
+              max_cache_bytes: int | None = None, replica_cpus: float | None = None,
+              cache_dtype: str | None = None) -> serve.Application:
     """The application for ``serve.run``: ``replicas`` engine replicas of ``engine_path``.
 
     ``threads``: ONNX Runtime threads per replica; ``max_cache_bytes``: the bound on each replica's
-    caches; ``replica_cpus``: the CPUs Ray reserves per replica (default ``threads``).
+    caches; ``replica_cpus``: the CPUs Ray reserves per replica (default ``threads``);
+    ``cache_dtype``: the caches' precision, as ``sigec.load(cache_dtype=)`` (None: the engine's).
     """
     if replicas < 1:
         raise InputError(f"replicas must be >= 1, got {replicas}")
     cpus = float(replica_cpus if replica_cpus is not None else (threads or 1))
     engines = EngineReplica.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus})
-    return Ingress.bind(engines.bind(str(Path(engine_path).resolve()), threads, max_cache_bytes), replicas)
+    return Ingress.bind(engines.bind(str(Path(engine_path).resolve()), threads, max_cache_bytes, cache_dtype),
+                        replicas)

@@ -48,7 +48,8 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         max_bytes = int(args.max_cache_mib * 2**20) if args.max_cache_mib else None
-        serve.run(build_app(str(engine), replicas=args.replicas, threads=threads, max_cache_bytes=max_bytes),
+        serve.run(build_app(str(engine), replicas=args.replicas, threads=threads, max_cache_bytes=max_bytes,
+                            cache_dtype=getattr(args, "cache_dtype", None)),
                   name=APP_NAME, route_prefix="/", blocking=False)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
