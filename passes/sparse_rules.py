@@ -183,8 +183,9 @@ def rule_conv(ctx: RewriteContext, node: ir.Node) -> None:
     group = int(attr(node, "group", 1))
 
     def emit(g: ir.Value) -> ir.Value:
-        if _conv_as_gemm(ctx, node, _out_res(ctx, node).tile, strides, dilations, group):
-            return _emit_conv_as_gemm(ctx, node, g, kernel, _out_res(ctx, node).tile)
+        tile = _out_res(ctx, node).tile
+        if _conv_as_gemm(ctx, node, tile, strides, dilations, group):
+            return _emit_conv_as_gemm(ctx, node, g, kernel, tile)
         return ctx.graph.op("Conv", [g, *_optional_inputs(ctx, node, 1)], hint=f"vals::{node.outputs[0].name}",
                             kernel_shape=kernel, strides=strides, dilations=dilations, group=group, pads=[0, 0, 0, 0])
 

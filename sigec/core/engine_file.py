@@ -193,19 +193,22 @@ def _blobs_to_store(target: pathlib.Path, blobs: Mapping[str, bytes]) -> dict[st
     return stored
 
 
-def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
-    if a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.flags.c_contiguous and b.flags.c_contiguous:
-        return True
-    return bool(np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)))
+def _fingerprint(array: np.ndarray) -> tuple[int, str, bytes]:
+    """Size, dtype and up to 4 KiB sampled evenly from the bytes: equal for equal arrays, and for
+    different weights almost never, so full comparisons run only for likely copies."""
+    flat = array.reshape(-1).view(np.uint8)
+    return array.nbytes, array.dtype.name, flat[:: max(1, flat.size // 4096)][:4096].tobytes()
 
 
 def _weights_index(weights: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
     """Offsets into weights.bin; arrays of the same bytes (a weight and its reshaped view) share one span."""
     index, cursor = [], 0
-    stored: dict[tuple[int, str], list[tuple[np.ndarray, int]]] = {}  # (nbytes, dtype) -> (array, offset)
+    stored: dict[tuple[int, str, bytes], list[tuple[np.ndarray, int]]] = {}  # fingerprint -> (array, offset)
     for name, array in weights.items():
-        candidates = stored.setdefault((array.nbytes, array.dtype.name), [])
-        shared = next((offset for other, offset in candidates if array.nbytes and _same_bytes(array, other)), None)
+        candidates = stored.setdefault(_fingerprint(array), [])
+        shared = next((offset for other, offset in candidates
+                       if array.nbytes and np.array_equal(array.reshape(-1).view(np.uint8),
+                                                          other.reshape(-1).view(np.uint8))), None)
         offset = shared if shared is not None else _align(cursor, WEIGHT_ALIGNMENT)
         index.append({"name": name, "dtype": array.dtype.name, "shape": list(array.shape), "offset": offset,
                       "nbytes": array.nbytes})
